@@ -1,0 +1,126 @@
+"""End-to-end single-process training: exact resume, crash-safe checkpoints, metrics."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RUNNER = REPO / "tests" / "_train_runner.py"
+
+
+def tiny_args(dump: Path, cache: Path, steps: int, *extra: str) -> list[str]:
+    return [
+        "--job.config_file", str(REPO / "train_configs" / "debug_model.toml"),
+        "--job.dump_folder", str(dump),
+        "--tokenizer.cache_dir", str(cache),
+        "--model.flavor", "debugmodel_tiny",
+        "--training.steps", str(steps),
+        "--training.seq_len", "64",
+        "--training.global_batch_size", "4",
+        "--training.local_batch_size", "2",  # 2 microbatches: accumulation is in the path
+        "--lr_scheduler.warmup_steps", "3",
+        "--metrics.log_freq", "1",
+        *extra,
+    ]
+
+
+def run(args: list[str], kill_step: int | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(RUNNER)]
+    if kill_step is not None:
+        cmd += ["--kill-during-save", str(kill_step)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd + ["--", *args], capture_output=True, text=True, env=env, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def metrics(dump: Path) -> dict[int, dict]:
+    records = [json.loads(x) for x in (dump / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in records}  # a resumed run appends; the later record wins
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cache_dir) -> dict[int, dict]:
+    """The uninterrupted 20-step run every resume is compared with."""
+    dump = tmp_path_factory.mktemp("ref")
+    run(tiny_args(dump, cache_dir, 20))
+    return metrics(dump)
+
+
+def test_metrics_have_the_documented_keys(reference):
+    assert sorted(reference) == list(range(1, 21))
+    for key in ("step", "loss", "grad_norm", "lr", "tps", "mfu", "memory_gib", "data_loading_pct"):
+        assert key in reference[20]
+    assert reference[20]["mfu"] is None  # CPU without metrics.peak_flops
+    assert reference[20]["loss"] < reference[1]["loss"]
+
+
+def test_resume_is_bitwise_identical(tmp_path, cache_dir, reference):
+    ckpt = ["--checkpoint.enable", "--checkpoint.interval", "10"]
+    run(tiny_args(tmp_path, cache_dir, 10, *ckpt))
+    assert (tmp_path / "checkpoint" / "step-10" / ".metadata").is_file()
+    assert (tmp_path / "checkpoint" / "step-10" / "config.toml").is_file()
+    run(tiny_args(tmp_path, cache_dir, 20, *ckpt))
+    resumed = metrics(tmp_path)
+    for step in range(1, 21):
+        assert resumed[step]["loss"] == reference[step]["loss"], f"step {step}"
+        assert resumed[step]["grad_norm"] == reference[step]["grad_norm"], f"step {step}"
+        assert resumed[step]["lr"] == reference[step]["lr"], f"step {step}"
+
+
+def test_killed_save_leaves_the_previous_checkpoint_as_the_one_resumed(tmp_path, cache_dir, reference):
+    ckpt = ["--checkpoint.enable", "--checkpoint.interval", "5"]
+    proc = run(tiny_args(tmp_path, cache_dir, 20, *ckpt), kill_step=10, check=False)
+    assert proc.returncode != 0
+    folder = tmp_path / "checkpoint"
+    assert (folder / "step-5" / ".metadata").is_file()
+    assert (folder / "step-10.tmp").is_dir() and not (folder / "step-10").exists()
+    proc = run(tiny_args(tmp_path, cache_dir, 20, *ckpt))
+    assert "skipping incomplete checkpoint" in proc.stderr
+    assert "step-5" in proc.stderr.split("loading checkpoint", 1)[1].splitlines()[0]
+    resumed = metrics(tmp_path)
+    for step in range(6, 21):
+        assert resumed[step]["loss"] == reference[step]["loss"], f"step {step}"
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, cache_dir, reference):
+    """Preemption: SIGTERM mid-run saves a checkpoint, exits 0, and the rerun continues exactly."""
+    import signal
+    import time
+
+    args = tiny_args(tmp_path, cache_dir, 20, "--checkpoint.enable", "--checkpoint.interval", "1000")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, str(RUNNER), "--", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    jsonl = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (jsonl.exists() and len(jsonl.read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "stop requested" in err
+    saved = [p.name for p in (tmp_path / "checkpoint").iterdir()]
+    assert len(saved) == 1 and saved[0].startswith("step-") and saved[0] != "step-20", saved
+    run(args)
+    resumed = metrics(tmp_path)
+    for step in range(1, 21):
+        assert resumed[step]["loss"] == reference[step]["loss"], f"step {step}"
+
+
+def test_bad_batch_split_is_a_clear_error(tmp_path, cache_dir):
+    proc = run(tiny_args(tmp_path, cache_dir, 2, "--training.local_batch_size", "3"), check=False)
+    assert proc.returncode != 0
+    assert "multiple of local_batch_size=3" in proc.stderr
+
+
+def test_load_step_that_does_not_exist_is_a_clear_error(tmp_path, cache_dir):
+    args = tiny_args(tmp_path, cache_dir, 2, "--checkpoint.enable", "--checkpoint.load_step", "7")
+    proc = run(args, check=False)
+    assert proc.returncode != 0
+    assert "checkpoint.load_step=7" in proc.stderr and "complete ones" in proc.stderr

@@ -1,0 +1,176 @@
+"""Per-window training metrics: one console line, one JSON line, optional TensorBoard.
+
+MFU uses the bf16 dense datasheet peak of the detected GPU (``metrics.peak_flops``
+overrides it; on CPU MFU is null unless it is set). flops per token come from the
+model (6 x non-embedding params + 12 x layers x heads x head_dim x seq_len).
+"""
+
+import json
+import os
+import resource
+import time
+from dataclasses import dataclass
+
+import torch
+
+from torchtitan.config.job_config import Metrics as MetricsConfig
+from torchtitan.tools.logging import logger
+
+# Dense bf16 peak FLOP/s per device, from the vendors' datasheets (no sparsity).
+_PEAK_BF16_FLOPS = (
+    ("H100 NVL", 835e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),  # SXM
+    ("H200", 989e12),
+    ("H20", 148e12),
+    ("B200", 2.25e15),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+)
+
+
+def peak_flops(cfg: MetricsConfig, device: torch.device) -> float | None:
+    """Peak FLOP/s for MFU, or None when unknown (CPU without metrics.peak_flops)."""
+    if cfg.peak_flops > 0:
+        return cfg.peak_flops
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in _PEAK_BF16_FLOPS:
+        if key in name:
+            return flops
+    logger.warning(f"unknown GPU {name!r}: MFU is null; set metrics.peak_flops to its bf16 peak")
+    return None
+
+
+class MemoryMonitor:
+    """Peak memory since the last reset: CUDA allocator stats, or the process peak RSS on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.capacity = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+        self.reset()
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            # Linux lets a process reset its own peak RSS (VmHWM), so each window reports its own peak.
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+            except OSError:
+                pass
+
+    def read(self) -> dict:
+        gib = 1024**3
+        if self.device.type == "cuda":
+            s = torch.cuda.memory_stats(self.device)
+            return {
+                "memory_gib": s.get("active_bytes.all.peak", 0) / gib,
+                "memory_reserved_gib": s.get("reserved_bytes.all.peak", 0) / gib,
+                "memory_pct": 100 * s.get("reserved_bytes.all.peak", 0) / self.capacity,
+                "alloc_retries": s.get("num_alloc_retries", 0),
+                "ooms": s.get("num_ooms", 0),
+            }
+        return {"memory_gib": _peak_rss_bytes() / gib}
+
+
+def _peak_rss_bytes() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@dataclass
+class StepCounters:
+    """What the loop accumulates between two log steps (host-side numbers only)."""
+
+    tokens: int = 0
+    data_seconds: float = 0.0
+    skipped_steps: int = 0
+    steps: int = 0
+
+
+class MetricsLogger:
+    def __init__(self, cfg: MetricsConfig, dump_folder: str, device: torch.device, flops_per_token: float,
+                 non_data_parallel_size: int, total_steps: int, is_logging_rank: bool):
+        self.cfg = cfg
+        self.flops_per_token = flops_per_token
+        self.non_dp = non_data_parallel_size
+        self.total_steps = total_steps
+        self.peak = peak_flops(cfg, device)
+        self.memory = MemoryMonitor(device)
+        self.counters = StepCounters()
+        self.window_start = time.perf_counter()
+        self.is_logging_rank = is_logging_rank
+        self.jsonl = None
+        self.tb = None
+        if is_logging_rank:
+            os.makedirs(dump_folder, exist_ok=True)
+            self.jsonl = open(os.path.join(dump_folder, "metrics.jsonl"), "a")
+            if cfg.enable_tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(os.path.join(dump_folder, cfg.save_tb_folder))
+
+    def should_log(self, step: int) -> bool:
+        return step == 1 or step % self.cfg.log_freq == 0 or step == self.total_steps
+
+    def log(self, step: int, loss: float, grad_norm: float, lr: float, extra: dict | None = None) -> dict:
+        """Close the window ending at ``step``: compute rates, print, write, reset."""
+        elapsed = max(time.perf_counter() - self.window_start, 1e-9)
+        c = self.counters
+        # tokens/s per device: the rank's tokens are shared by the cp x tp x pp devices that process them.
+        tps = c.tokens / elapsed / self.non_dp
+        record = {
+            "step": step,
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "tps": tps,
+            "mfu": 100 * self.flops_per_token * tps / self.peak if self.peak else None,
+            "data_loading_pct": 100 * c.data_seconds / elapsed,
+            "step_time_s": elapsed / max(c.steps, 1),
+            "skipped_steps": c.skipped_steps,
+            **self.memory.read(),
+            **(extra or {}),
+        }
+        record["eta_s"] = record["step_time_s"] * (self.total_steps - step)
+        if self.is_logging_rank:
+            self._emit(record)
+        self.counters = StepCounters(skipped_steps=c.skipped_steps)
+        self.memory.reset()
+        self.window_start = time.perf_counter()
+        return record
+
+    def _emit(self, r: dict) -> None:
+        mfu = f"{r['mfu']:.2f}%" if r["mfu"] is not None else "n/a"
+        logger.info(
+            f"step {r['step']:>6}  loss {r['loss']:8.4f}  grad_norm {r['grad_norm']:7.3f}  lr {r['lr']:.2e}  "
+            f"tps {r['tps']:,.0f}  mfu {mfu}  mem {r['memory_gib']:.2f}GiB  "
+            f"data {r['data_loading_pct']:.1f}%  eta {_fmt_seconds(r['eta_s'])}"
+            + (f"  skipped {r['skipped_steps']}" if r["skipped_steps"] else "")
+        )
+        self.jsonl.write(json.dumps(r) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for k, v in r.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, r["step"])
+
+    def close(self) -> None:
+        if self.jsonl:
+            self.jsonl.close()
+        if self.tb:
+            self.tb.close()
+
+
+def _fmt_seconds(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"

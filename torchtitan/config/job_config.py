@@ -1,0 +1,212 @@
+"""The typed configuration tree.
+
+Every section is a dataclass; a component is built from its own section only
+(``build_optimizer(cfg.optimizer, ...)``), never from the whole tree. TOML files
+and ``--section.key value`` overrides are thin serializations of this tree
+(see ``manager.py``): precedence is CLI > TOML > the defaults written here.
+
+The help text of each option is the ``help`` entry of its field metadata;
+``python train.py --help`` prints it with the default.
+"""
+
+from dataclasses import dataclass, field
+
+
+def opt(default, help: str):
+    """A field with a help text (lists get a fresh copy per instance)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Job:
+    config_file: str = opt("", "TOML file to read (also --config); CLI overrides it, it overrides the defaults")
+    dump_folder: str = opt("./outputs", "Folder for metrics, checkpoints, traces and the resolved config")
+    description: str = opt("", "Free-text description of the run")
+    print_config: bool = opt(False, "Print the resolved config at start-up")
+
+
+@dataclass
+class Model:
+    name: str = opt("llama3", "Model family (registered in torchtitan/models)")
+    flavor: str = opt("debugmodel", "Model size: debugmodel, 1B, 3B, 8B, 70B, 405B (or small test flavors)")
+    n_layers: int = opt(0, "Override the flavor's layer count (0 = keep the flavor's)")
+    dim: int = opt(0, "Override the flavor's model width (0 = keep the flavor's)")
+
+
+@dataclass
+class Tokenizer:
+    path: str = opt(
+        "",
+        "Tokenizer file: tiktoken format (Llama 3) or sentencepiece (Llama 2). "
+        "Empty = the embedded BPE trained on the Python stdlib (built once, cached)",
+    )
+    cache_dir: str = opt("", "Where the embedded tokenizer is cached (empty = ~/.cache/torchtitan)")
+
+
+@dataclass
+class Data:
+    datasets: list[str] = opt(
+        ["stdlib"],
+        "Sources: 'stdlib' (embedded, offline), 'c4', 'fineweb_edu', 'hf:<repo>[:<config>]', "
+        "or a local file/folder (jsonl, json, parquet, txt). Several = a weighted mixture",
+    )
+    weights: list[float] = opt([], "Mixture weights, one per dataset (empty = equal)")
+    text_field: str = opt("text", "Field holding the document text in json/parquet/HF records")
+    mixture_seed: int = opt(0, "Seed of the mixture's source choice (deterministic, resumable)")
+    val_fraction: float = opt(0.01, "Fraction of the stdlib corpus held out as the validation split")
+    num_workers: int = opt(0, "DataLoader worker processes (0 = tokenize in the training process)")
+    pin_memory: bool = opt(True, "Pin host batches for faster copies to CUDA (ignored on CPU)")
+
+
+@dataclass
+class Optimizer:
+    name: str = opt("AdamW", "Optimizer: AdamW or Adam")
+    lr: float = opt(8e-4, "Peak learning rate")
+    beta1: float = opt(0.9, "Adam beta1")
+    beta2: float = opt(0.95, "Adam beta2")
+    eps: float = opt(1e-8, "Adam epsilon")
+    weight_decay: float = opt(0.1, "Decoupled weight decay")
+    implementation: str = opt(
+        "auto", "fused | foreach | for-loop | auto (fused on CUDA, foreach elsewhere)"
+    )
+
+
+@dataclass
+class LRScheduler:
+    warmup_steps: int = opt(200, "Linear warmup steps, from lr/(warmup+1) up to lr")
+    decay_type: str = opt(
+        "linear", "Decay after warmup: linear | cosine (over all remaining steps) | wsd (stable then decay)"
+    )
+    decay_ratio: float = opt(
+        0.2, "wsd only: fraction of the steps spent in the final decay (the rest after warmup is stable)"
+    )
+    min_lr_ratio: float = opt(0.0, "The lr decays to lr x min_lr_ratio at the last step")
+
+
+@dataclass
+class Training:
+    steps: int = opt(10000, "Optimizer steps to train")
+    global_batch_size: int = opt(
+        8, "Sequences per optimizer step across all data-parallel ranks (the math)"
+    )
+    local_batch_size: int = opt(
+        -1,
+        "Sequences per forward on one rank (the system choice); -1 = global/dp (no accumulation). "
+        "Gradient accumulation = global / (local x dp)",
+    )
+    seq_len: int = opt(2048, "Tokens per sequence")
+    max_norm: float = opt(1.0, "Gradient clipping max norm (<= 0 disables clipping)")
+    seed: int = opt(0, "Seed for weights init and everything random")
+    deterministic: bool = opt(False, "Use deterministic algorithms (slower; bitwise repeatable on CUDA)")
+    skip_nan_inf: bool = opt(
+        False, "Skip the update of a step whose loss or grad norm is not finite (counted in metrics)"
+    )
+    gc_freq: int = opt(50, "Run gc.collect every N steps (automatic GC is off)")
+    mixed_precision_param: str = opt(
+        "", "FSDP param dtype: bfloat16 | float32 (empty = bfloat16 on CUDA, float32 on CPU)"
+    )
+    mixed_precision_reduce: str = opt("float32", "FSDP gradient reduce dtype")
+    max_seconds: float = opt(0.0, "Stop (with a checkpoint if enabled) after this wall time, 0 = no limit")
+
+
+@dataclass
+class Parallelism:
+    dp_replicate: int = opt(1, "Data-parallel replicas (DDP, or HSDP's replicate dim)")
+    dp_shard: int = opt(-1, "FSDP shard degree; -1 = what is left of the world size")
+    tp: int = opt(1, "Tensor-parallel degree")
+    pp: int = opt(1, "Pipeline-parallel degree")
+    cp: int = opt(1, "Context-parallel degree")
+    pp_schedule: str = opt("1F1B", "Pipeline schedule name, or a CSV schedule file")
+    pp_microbatches: int = opt(0, "Pipeline microbatches per local batch (0 = pp degree)")
+    pp_split_points: list[str] = opt([], "Module names where stages begin, e.g. layers.4 (empty = even split)")
+    cp_rotate_method: str = opt("allgather", "CP K/V exchange: allgather | alltoall")
+    loss_parallel: bool = opt(True, "With TP: compute the loss on vocab-sharded logits")
+
+
+@dataclass
+class Checkpoint:
+    enable: bool = opt(False, "Save and resume checkpoints (DCP)")
+    folder: str = opt("checkpoint", "Folder under the dump folder")
+    interval: int = opt(500, "Save every N steps (and at the last step)")
+    load_step: int = opt(-1, "Step to resume from; -1 = the latest complete checkpoint")
+
+
+@dataclass
+class Metrics:
+    log_freq: int = opt(10, "Log every N steps")
+    enable_tensorboard: bool = opt(False, "Write TensorBoard events to <dump_folder>/tb")
+    save_tb_folder: str = opt("tb", "TensorBoard folder under the dump folder")
+    peak_flops: float = opt(
+        0.0, "Peak FLOP/s per device for MFU; 0 = bf16 datasheet value for known GPUs (MFU null on CPU)"
+    )
+
+
+@dataclass
+class Profiling:
+    enable_profiling: bool = opt(False, "Record torch.profiler traces")
+    save_traces_folder: str = opt("profile_traces", "Trace folder under the dump folder")
+    profile_freq: int = opt(10, "Trace one step every N steps")
+    enable_memory_snapshot: bool = opt(False, "Dump CUDA memory snapshots")
+    save_memory_snapshot_folder: str = opt("memory_snapshot", "Snapshot folder under the dump folder")
+
+
+@dataclass
+class Comm:
+    init_timeout_seconds: int = opt(300, "Collective timeout until the first step completes")
+    train_timeout_seconds: int = opt(100, "Collective timeout after the first step")
+    trace_buf_size: int = opt(20000, "NCCL flight recorder entries (0 = off)")
+
+
+@dataclass
+class ActivationCheckpoint:
+    mode: str = opt("none", "none | full | selective")
+    selective_ac_option: str = opt("2", "selective: 'op' (save matmul outputs) or N (every N-th block)")
+
+
+@dataclass
+class Compile:
+    enable: bool = opt(False, "torch.compile each transformer block (and the loss)")
+    backend: str = opt("inductor", "torch.compile backend")
+
+
+@dataclass
+class Float8:
+    enable_float8_linear: bool = opt(False, "Train Linear layers in float8 (torchao)")
+    recipe_name: str = opt("tensorwise", "tensorwise | rowwise")
+    enable_fsdp_float8_all_gather: bool = opt(False, "All-gather FSDP params in float8")
+    precompute_float8_dynamic_scale_for_fsdp: bool = opt(False, "One all-reduce for all float8 scales")
+    filter_fqns: list[str] = opt(["output"], "Linear layers (name substrings) kept in high precision")
+
+
+@dataclass
+class MemoryEstimation:
+    enable: bool = opt(False, "Estimate peak memory of this config instead of training")
+    disable_fake_mode: bool = opt(False, "Estimate on real tensors (debugging the estimator)")
+
+
+@dataclass
+class Experimental:
+    enable_async_tensor_parallel: bool = opt(False, "Overlap TP comms with matmuls (CUDA + compile)")
+
+
+@dataclass
+class JobConfig:
+    job: Job = field(default_factory=Job)
+    model: Model = field(default_factory=Model)
+    tokenizer: Tokenizer = field(default_factory=Tokenizer)
+    data: Data = field(default_factory=Data)
+    optimizer: Optimizer = field(default_factory=Optimizer)
+    lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
+    training: Training = field(default_factory=Training)
+    parallelism: Parallelism = field(default_factory=Parallelism)
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    metrics: Metrics = field(default_factory=Metrics)
+    profiling: Profiling = field(default_factory=Profiling)
+    comm: Comm = field(default_factory=Comm)
+    activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
+    compile: Compile = field(default_factory=Compile)
+    float8: Float8 = field(default_factory=Float8)
+    memory_estimation: MemoryEstimation = field(default_factory=MemoryEstimation)
+    experimental: Experimental = field(default_factory=Experimental)

@@ -1,0 +1,409 @@
+"""Parse a JobConfig from dataclass defaults, a TOML file and command-line overrides.
+
+Precedence is CLI > TOML > defaults. The TOML file is named on the command line
+(``--job.config_file PATH`` or its alias ``--config PATH``); without one the run
+uses the defaults written in ``job_config.py`` plus the CLI overrides.
+
+Every value is converted and checked against the field's annotated type, so a
+typo or a wrong type fails at start-up with a message that names the key, where
+it came from and (for unknown keys) the closest valid key -- not 40 minutes into
+a run when a component finally reads it.
+
+The resolved config is written back as TOML (``dump_config``) with a tiny
+serializer: the tree is only ``[section] key = scalar | list``, so a full TOML
+writer (and a dependency) is not needed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import typing
+from pathlib import Path
+
+try:
+    import tomllib  # Python >= 3.11
+except ModuleNotFoundError:  # pragma: no cover - older Pythons
+    import tomli as tomllib
+
+from torchtitan.config.job_config import JobConfig
+
+CLI = "the command line"
+_TRUE = frozenset({"true", "1", "yes"})
+_FALSE = frozenset({"false", "0", "no"})
+_USAGE = """\
+usage: train.py [--job.config_file FILE | --config FILE] [--section.key VALUE ...]
+
+Precedence: command line > TOML file > defaults. Forms: --section.key VALUE or
+--section.key=VALUE. Booleans: --section.flag (true), --section.no_flag or
+--section.flag=false (also 0/no). Lists: comma-separated, e.g. --data.datasets c4,stdlib
+(an empty string gives an empty list)."""
+
+# String fields whose values form a closed set; checked here so a typo fails
+# at start-up instead of when the component is finally built.
+_CHOICES = {
+    "lr_scheduler.decay_type": ("linear", "cosine", "wsd"),
+    "activation_checkpoint.mode": ("none", "full", "selective"),
+    "optimizer.implementation": ("auto", "fused", "foreach", "for-loop"),
+    "training.mixed_precision_param": ("", "bfloat16", "float32"),
+    "float8.recipe_name": ("tensorwise", "rowwise"),
+    "parallelism.cp_rotate_method": ("allgather", "alltoall"),
+}
+_POSITIVE = (
+    "training.steps",
+    "training.global_batch_size",
+    "training.seq_len",
+    "metrics.log_freq",
+    "checkpoint.interval",
+    "parallelism.dp_replicate",
+    "parallelism.tp",
+    "parallelism.pp",
+    "parallelism.cp",
+)
+# -1 means "derive it" for these; any other value must be positive.
+_POSITIVE_OR_AUTO = ("training.local_batch_size", "parallelism.dp_shard")
+
+
+# ---------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------
+
+
+class ConfigManager:
+    """Builds a validated config object from defaults, a TOML file and CLI overrides.
+
+    ``config_cls`` lets an experiment add sections with its own dataclass tree
+    (same two-level shape) without editing the core JobConfig.
+    """
+
+    def __init__(self, config_cls: type = JobConfig):
+        self.config_cls = config_cls
+        self.types = _field_types(config_cls)
+
+    def parse_args(self, argv: list[str] | None = None):
+        """Return the resolved config; ``--help``/``-h`` prints every option and exits 0."""
+        argv = list(sys.argv[1:] if argv is None else argv)
+        if "--help" in argv or "-h" in argv:
+            print(self.format_help())
+            raise SystemExit(0)
+        overrides = _parse_cli(argv, self.types)
+        cfg, origin = self.config_cls(), {}
+        # The last --config / --job.config_file wins, like any repeated option.
+        paths = [value for section, key, value in overrides if (section, key) == ("job", "config_file")]
+        if paths and paths[-1]:
+            self._apply_toml(cfg, paths[-1], origin)
+        for section, key, value in overrides:
+            setattr(getattr(cfg, section), key, value)
+            origin[f"{section}.{key}"] = CLI
+        validate(cfg, origin)
+        return cfg
+
+    def format_help(self) -> str:
+        """Every option grouped by section: name, type and default, then the help text."""
+        defaults = self.config_cls()
+        lines = [_USAGE]
+        for section, fields in self.types.items():
+            lines += ["", f"[{section}]"]
+            section_cls = type(getattr(defaults, section))
+            helps = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(section_cls)}
+            for key, tp in fields.items():
+                default = _toml_value(getattr(getattr(defaults, section), key))
+                lines.append(f"  --{section}.{key} {_type_name(tp)}  (default: {default})")
+                lines.append(f"      {helps[key]}")
+        return "\n".join(lines)
+
+    def _apply_toml(self, cfg, path: str, origin: dict[str, str]) -> None:
+        """Overwrite the defaults in ``cfg`` with every key set in the TOML file."""
+        tree = load_toml(path)
+        where = str(path)
+        for section, table in tree.items():
+            if not isinstance(table, dict):
+                hint = _suggest_key(self.types, "", section)
+                hint = f" did you mean '{hint}'?" if hint else ""
+                raise ValueError(
+                    f"'{section} = {table!r}' in {where} is outside any [section]; every option "
+                    f"lives under one, e.g. [training] then steps = 10.{hint}"
+                )
+            _lookup_section(self.types, section, where, full_name=section)
+            for key, raw in table.items():
+                tp = _lookup(self.types, section, key, where)
+                value = _convert(_from_toml, tp, raw, f"{section}.{key}", where)
+                setattr(getattr(cfg, section), key, value)
+                origin[f"{section}.{key}"] = where
+
+
+def load_toml(path: str | Path) -> dict:
+    """Read a TOML file; syntax errors become a ValueError naming file, line and column."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file '{path}' does not exist (from --job.config_file / --config).")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        # tomllib's message ends with "(at line L, column C)".
+        raise ValueError(f"{path} is not valid TOML: {err}. Fix the syntax there and rerun.") from None
+
+
+def config_to_dict(cfg) -> dict:
+    """``{section: {key: value}}``, a plain copy (lists are copied too)."""
+    return dataclasses.asdict(cfg)
+
+
+def config_to_toml(cfg) -> str:
+    """Serialize the two-level config tree as TOML that parses back to the same values."""
+    lines = ["# Resolved config; rerun it with --job.config_file <this file>."]
+    for section, table in config_to_dict(cfg).items():
+        lines += ["", f"[{section}]"]
+        lines += [f"{key} = {_toml_value(value)}" for key, value in table.items()]
+    return "\n".join(lines) + "\n"
+
+
+def dump_config(cfg, folder: str | Path) -> Path:
+    """Write the resolved config to ``<folder>/config.toml`` and return that path."""
+    path = Path(folder) / "config.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(config_to_toml(cfg), encoding="utf-8")
+    return path
+
+
+def validate(cfg, origin: dict[str, str] | None = None) -> None:
+    """Checks that belong to parsing: closed value sets and positive counts."""
+    origin = origin or {}
+
+    def value_of(dotted: str):
+        section, key = dotted.split(".")
+        return getattr(getattr(cfg, section, None), key, None)
+
+    def fail(dotted: str, what: str):
+        where = origin.get(dotted, "the default")
+        raise ValueError(f"{dotted} {what}, got {value_of(dotted)!r} (from {where}).")
+
+    for dotted, allowed in _CHOICES.items():
+        if hasattr(cfg, dotted.split(".")[0]) and value_of(dotted) not in allowed:
+            fail(dotted, f"must be one of {', '.join(repr(a) for a in allowed)}")
+    for dotted in _POSITIVE:
+        if hasattr(cfg, dotted.split(".")[0]) and value_of(dotted) < 1:
+            fail(dotted, "must be a positive integer")
+    for dotted in _POSITIVE_OR_AUTO:
+        if hasattr(cfg, dotted.split(".")[0]) and value_of(dotted) != -1 and value_of(dotted) < 1:
+            fail(dotted, "must be a positive integer or -1 (derived)")
+    _validate_cross_fields(cfg, fail)
+
+
+def _validate_cross_fields(cfg, fail) -> None:
+    """Checks that need two fields; skipped for config trees without these sections."""
+    ac = getattr(cfg, "activation_checkpoint", None)
+    if ac is not None and ac.mode == "selective":
+        option = ac.selective_ac_option
+        if option != "op" and not (option.isdigit() and int(option) >= 1):
+            fail("activation_checkpoint.selective_ac_option", "must be 'op' or a positive integer N")
+    data = getattr(cfg, "data", None)
+    if data is not None and data.weights and len(data.weights) != len(data.datasets):
+        fail("data.weights", f"needs one weight per dataset ({len(data.datasets)}: {data.datasets})")
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+
+def _parse_cli(argv: list[str], types) -> list[tuple[str, str, object]]:
+    """Turn argv into typed ``(section, key, value)`` overrides, in order."""
+    overrides, i = [], 0
+    while i < len(argv):
+        token = argv[i]
+        if not token.startswith("--"):
+            raise ValueError(
+                f"unexpected argument {token!r} (from {CLI}): options look like --section.key VALUE; "
+                f"pass the TOML file as --job.config_file PATH (or --config PATH)."
+            )
+        section, key, value, i = _read_option(argv, i, types)
+        overrides.append((section, key, value))
+    return overrides
+
+
+def _read_option(argv: list[str], i: int, types) -> tuple[str, str, object, int]:
+    """Parse the option at ``argv[i]`` (and its value); return it and the next index."""
+    name, has_eq, text = argv[i][2:].partition("=")
+    i += 1
+    section, key, negated = _resolve_name(name, types)
+    tp = types[section][key]
+    if negated:
+        if has_eq:
+            raise ValueError(f"--{name} takes no value (from {CLI}); use --{section}.{key}=true|false instead.")
+        return section, key, False, i
+    if not has_eq and tp is bool:
+        # A bare flag means True; an explicit literal right after it is accepted too.
+        if i < len(argv) and argv[i].lower() in _TRUE | _FALSE:
+            text, i = argv[i], i + 1
+        else:
+            text = "true"
+    elif not has_eq:
+        if i >= len(argv) or argv[i].startswith("--"):
+            raise ValueError(
+                f"--{section}.{key} is missing its value (from {CLI}); it expects {_type_name(tp)}: "
+                f"write --{section}.{key} VALUE or --{section}.{key}=VALUE."
+            )
+        text, i = argv[i], i + 1
+    return section, key, _convert(_from_text, tp, text, f"{section}.{key}", CLI), i
+
+
+def _resolve_name(name: str, types) -> tuple[str, str, bool]:
+    """Map an option name to ``(section, key, negated)``; dashes are read as underscores."""
+    name = name.replace("-", "_")
+    if name == "config":
+        return "job", "config_file", False
+    section, dot, key = name.partition(".")
+    if not dot:
+        # e.g. --steps: no section, but the key may exist in one.
+        hint = _suggest_key(types, "", name)
+        hint = f"; did you mean '{hint}'?" if hint else ""
+        raise ValueError(f"option '--{name}' (from {CLI}) must be written --section.key{hint}")
+    _lookup_section(types, section, CLI, full_name=name)
+    fields = types[section]
+    if key not in fields and key.startswith("no_") and fields.get(key[3:]) is bool:
+        return section, key[3:], True
+    _lookup(types, section, key, CLI)
+    return section, key, False
+
+
+# ---------------------------------------------------------------------------
+# Types and conversions
+# ---------------------------------------------------------------------------
+
+
+def _field_types(config_cls: type) -> dict[str, dict[str, type]]:
+    """``{section: {key: annotated type}}`` read from the dataclass tree."""
+    hints = typing.get_type_hints(config_cls)
+    types = {}
+    for section in dataclasses.fields(config_cls):
+        section_hints = typing.get_type_hints(hints[section.name])
+        section_fields = dataclasses.fields(hints[section.name])
+        types[section.name] = {f.name: section_hints[f.name] for f in section_fields}
+    return types
+
+
+def _type_name(tp) -> str:
+    return str(tp) if typing.get_origin(tp) is list else tp.__name__
+
+
+def _convert(converter, tp, raw, dotted: str, where: str):
+    """Apply ``converter``; any mismatch becomes one message naming key, type and value."""
+    try:
+        return converter(tp, raw)
+    except (TypeError, ValueError):
+        hint = " (true/false, 1/0 or yes/no)" if tp is bool else ""
+        if tp is bool and isinstance(raw, str) and where != CLI:
+            hint = " (write true/false without quotes)"
+        raise ValueError(f"{dotted} expects {_type_name(tp)}{hint}, got {raw!r} (from {where}).") from None
+
+
+def _from_text(tp, text: str):
+    """Convert a command-line string to ``tp``; lists are comma-separated."""
+    if typing.get_origin(tp) is list:
+        (item_tp,) = typing.get_args(tp)
+        items = [part.strip() for part in text.split(",")] if text.strip() else []
+        return [_from_text(item_tp, item) for item in items]
+    if tp is bool:
+        lowered = text.strip().lower()
+        if lowered in _TRUE | _FALSE:
+            return lowered in _TRUE
+        raise ValueError(text)
+    return tp(text)  # str, int or float; int("1.5") and float("x") raise ValueError
+
+
+def _from_toml(tp, value):
+    """Check a TOML value against ``tp``; ints are accepted (and widened) for floats."""
+    if typing.get_origin(tp) is list:
+        if not isinstance(value, list):
+            raise TypeError(value)
+        (item_tp,) = typing.get_args(tp)
+        return [_from_toml(item_tp, item) for item in value]
+    # bool is a subclass of int in Python, so it must be told apart explicitly.
+    if isinstance(value, bool) != (tp is bool):
+        raise TypeError(value)
+    if tp is float and isinstance(value, int):
+        return float(value)
+    if not isinstance(value, tp):
+        raise TypeError(value)
+    return value
+
+
+# ---------------------------------------------------------------------------
+# Unknown names
+# ---------------------------------------------------------------------------
+
+
+def _lookup_section(types, section: str, where: str, full_name: str) -> None:
+    """Raise a ValueError with a suggestion if ``section`` is not a section."""
+    if section in types:
+        return
+    close = difflib.get_close_matches(section, list(types), n=1)
+    key = full_name.partition(".")[2]
+    if close and key in types[close[0]]:
+        hint = f"did you mean '{close[0]}.{key}'?"
+    elif close:
+        hint = f"did you mean '{close[0]}'?"
+    else:
+        hint = f"valid sections: {', '.join(types)}."
+    what = f"'{section}' in '{full_name}'" if full_name != section else f"[{section}]"
+    raise ValueError(f"unknown section {what} (from {where}); {hint}")
+
+
+def _lookup(types, section: str, key: str, where: str):
+    """Return the type of ``section.key``, or raise a ValueError naming the closest key."""
+    if key in types[section]:
+        return types[section][key]
+    hint = _suggest_key(types, section, key)
+    hint = f"did you mean '{hint}'?" if hint else f"valid keys of [{section}]: {', '.join(types[section])}."
+    raise ValueError(
+        f"unknown option '{section}.{key}' (from {where}); {hint} Run with --help to list every option."
+    )
+
+
+def _suggest_key(types, section: str, key: str) -> str | None:
+    """Closest dotted key: a near key in the same section, the same key elsewhere, or any near key."""
+    if section in types:
+        close = difflib.get_close_matches(key, list(types[section]), n=1)
+        if close:
+            return f"{section}.{close[0]}"
+    owners = [name for name, fields in types.items() if key in fields]
+    if owners:
+        return f"{owners[0]}.{key}"
+    every = [f"{name}.{k}" for name, fields in types.items() for k in fields]
+    close = difflib.get_close_matches(f"{section}.{key}", every, n=1)
+    return close[0] if close else None
+
+
+# ---------------------------------------------------------------------------
+# TOML writing
+# ---------------------------------------------------------------------------
+
+_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+
+def _toml_value(value) -> str:
+    """One TOML value: bools lowercase, floats via repr (round-trips, incl. inf/nan), lists as arrays."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return _toml_string(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    raise TypeError(f"cannot write {value!r} ({type(value).__name__}) as TOML")
+
+
+def _toml_string(text: str) -> str:
+    """A TOML basic string: quotes, backslashes and control characters escaped."""
+    out = []
+    for ch in text:
+        if ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'

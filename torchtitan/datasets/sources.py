@@ -1,0 +1,277 @@
+"""Document sources: infinite, exactly resumable streams of texts.
+
+Every source loops over its data forever (counting epochs) and is ``Stateful``:
+``state_dict()`` taken after a document was yielded, loaded into a freshly built
+source, continues at exactly the next document. Each source also records the
+``origin`` (dataset name, epoch) of the last document it yielded, which the
+packer uses to refuse a dataset smaller than one sequence.
+
+Nothing here depends on the rank: every rank reads the same stream (see
+``dataloader.py`` for why).
+"""
+
+import json
+import logging
+import random
+from pathlib import Path
+from typing import Iterator
+
+from torch.distributed.checkpoint.stateful import Stateful
+
+from torchtitan.datasets.stdlib_corpus import read_document, stdlib_files
+
+logger = logging.getLogger(__name__)
+
+# Whole-file documents vs files of records (one document per record).
+_WHOLE_FILE_SUFFIXES = (".txt", ".py")
+_RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
+
+# name -> (hub repo, config, text field)
+HF_ALIASES = {
+    "c4": ("allenai/c4", "en", "text"),
+    "fineweb_edu": ("HuggingFaceFW/fineweb-edu", "sample-10BT", "text"),
+}
+_ACCEPTED = (
+    "'stdlib', " + ", ".join(repr(a) for a in HF_ALIASES)
+    + ", 'hf:<repo>[:<config>]', or an existing local file/folder of "
+    + "/".join(LOCAL_SUFFIXES) + " files"
+)
+
+
+def _record_text(record, text_field: str, where: str) -> str:
+    if not isinstance(record, dict) or text_field not in record:
+        keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+        raise ValueError(
+            f"{where}: no text field {text_field!r} (found {keys}); set data.text_field"
+        )
+    text = record[text_field]
+    # Real corpora contain null texts; they become empty documents (bos + eos only).
+    return "" if text is None else str(text)
+
+
+def _json_records(path: Path) -> Iterator[dict]:
+    with path.open("rb") as f:
+        head = f.read(4096).lstrip()
+    if path.suffix == ".json" and head.startswith(b"["):  # one JSON array of records
+        yield from json.loads(path.read_bytes())
+        return
+    with path.open("rb") as f:  # JSON lines (.jsonl, or a .json holding lines)
+        for line in f:
+            if line.strip():
+                yield json.loads(line)
+
+
+def _parquet_texts(path: Path, text_field: str, start: int) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    if text_field not in pf.schema_arrow.names:
+        raise ValueError(
+            f"{path}: no text field {text_field!r} (columns {pf.schema_arrow.names}); set data.text_field"
+        )
+    seen = 0
+    for group in range(pf.num_row_groups):
+        rows = pf.metadata.row_group(group).num_rows
+        if seen + rows <= start:  # skip whole row groups on resume without reading them
+            seen += rows
+            continue
+        column = pf.read_row_group(group, columns=[text_field]).column(0).to_pylist()
+        for text in column[max(start - seen, 0):]:
+            yield "" if text is None else str(text)
+        seen += rows
+
+
+def read_texts(path: Path, text_field: str, start: int = 0) -> Iterator[str]:
+    """The documents of one local file, from record ``start`` on."""
+    if path.suffix in _WHOLE_FILE_SUFFIXES:
+        if start == 0:
+            yield read_document(path)
+    elif path.suffix == ".parquet":
+        yield from _parquet_texts(path, text_field, start)
+    elif path.suffix in (".jsonl", ".json"):
+        for i, record in enumerate(_json_records(path)):
+            if i >= start:  # resume re-parses the skipped lines: simple, and exact
+                yield _record_text(record, text_field, f"{path} record {i}")
+    else:
+        raise ValueError(f"{path}: unsupported file type; use one of {_WHOLE_FILE_SUFFIXES + _RECORD_SUFFIXES}")
+
+
+class FileListSource(Stateful):
+    """Documents from a fixed, ordered list of local files (the stdlib corpus, local folders).
+
+    State: epoch, index of the current file, index of the next record in it.
+    """
+
+    def __init__(self, files: list[Path], text_field: str = "text", name: str = ""):
+        self.files = [Path(f) for f in files]
+        self.text_field = text_field
+        self.name = name or (str(self.files[0]) if len(self.files) == 1 else f"{len(self.files)} files")
+        self.epoch, self.file_index, self.record_index = 0, 0, 0
+        self.origin = (self.name, 0)
+
+    def __iter__(self) -> Iterator[str]:
+        while True:
+            from_start = self.file_index == 0 and self.record_index == 0
+            yielded = 0
+            while self.file_index < len(self.files):
+                path = self.files[self.file_index]
+                for text in read_texts(path, self.text_field, self.record_index):
+                    # Advance before yielding, so a state_dict taken now points past this document.
+                    self.record_index += 1
+                    self.origin = (self.name, self.epoch)
+                    yielded += 1
+                    yield text
+                self.file_index, self.record_index = self.file_index + 1, 0
+            if from_start and yielded == 0:
+                raise ValueError(f"dataset {self.name!r} has no documents ({len(self.files)} files)")
+            logger.info(f"dataset {self.name!r}: epoch {self.epoch} done, looping")
+            self.epoch, self.file_index, self.record_index = self.epoch + 1, 0, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "file_index": self.file_index, "record_index": self.record_index}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.epoch = state_dict["epoch"]
+        self.file_index = state_dict["file_index"]
+        self.record_index = state_dict["record_index"]
+
+
+class HFSource(Stateful):
+    """A Hugging Face hub dataset, streamed (nothing is downloaded up front).
+
+    Exact resume uses ``datasets.IterableDataset.state_dict()``; our epoch is passed to
+    ``set_epoch`` so that a new epoch starts from the beginning while a loaded state
+    applies to the epoch it was saved in.
+    """
+
+    def __init__(self, path: str, name: str | None = None, split: str = "train", text_field: str = "text"):
+        import datasets  # lazy: importing datasets costs ~1 s and only hub sources need it
+
+        self.path, self.config_name, self.split, self.text_field = path, name, split, text_field
+        self.name = f"{path}:{name}" if name else path
+        self.dataset = datasets.load_dataset(path, name=name, split=split, streaming=True)
+        self.epoch = 0
+        self.origin = (self.name, 0)
+
+    def __iter__(self) -> Iterator[str]:
+        while True:
+            self.dataset.set_epoch(self.epoch)
+            yielded = 0
+            # .iter() rather than iter(): inside a DataLoader worker, iter() would shard the
+            # dataset across workers, but every worker must see the whole stream.
+            for batch in self.dataset.iter(batch_size=1):
+                record = {key: values[0] for key, values in batch.items()}
+                self.origin = (self.name, self.epoch)
+                yielded += 1
+                yield _record_text(record, self.text_field, f"dataset {self.name!r}")
+            if yielded == 0 and self.epoch == 0:
+                raise ValueError(f"dataset {self.name!r} (split {self.split!r}) has no documents")
+            logger.info(f"dataset {self.name!r}: epoch {self.epoch} done, looping")
+            self.epoch += 1
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "hf": self.dataset.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.epoch = state_dict["epoch"]
+        self.dataset.load_state_dict(state_dict["hf"])
+
+
+class MixtureSource(Stateful):
+    """Each next document comes from source i with probability weights[i] / sum(weights).
+
+    The choice uses a private ``random.Random`` whose state is saved, so the sequence of
+    choices resumes exactly and does not depend on any global seed.
+    """
+
+    def __init__(self, sources: list, weights: list[float], seed: int = 0):
+        if len(sources) != len(weights):
+            raise ValueError(f"{len(sources)} sources but {len(weights)} weights")
+        self.sources, self.weights = sources, list(weights)
+        self.rng = random.Random(seed)
+        self.origin = sources[0].origin
+
+    def __iter__(self) -> Iterator[str]:
+        iterators = [iter(s) for s in self.sources]
+        choices = range(len(self.sources))
+        while True:
+            i = self.rng.choices(choices, weights=self.weights)[0]
+            text = next(iterators[i])
+            self.origin = self.sources[i].origin
+            yield text
+
+    def state_dict(self) -> dict:
+        version, internal, gauss_next = self.rng.getstate()
+        return {
+            "rng": [version, list(internal), gauss_next],  # plain lists: DCP pickles them
+            "sources": [s.state_dict() for s in self.sources],
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        version, internal, gauss_next = state_dict["rng"]
+        self.rng.setstate((version, tuple(internal), gauss_next))
+        for source, state in zip(self.sources, state_dict["sources"], strict=True):
+            source.load_state_dict(state)
+
+
+def resolve_weights(data_cfg) -> list[float]:
+    """The mixture weights, normalized to sum 1 (empty = equal)."""
+    n = len(data_cfg.datasets)
+    if n == 0:
+        raise ValueError("data.datasets is empty; name at least one dataset, e.g. ['stdlib']")
+    weights = list(data_cfg.weights) or [1.0] * n
+    if len(weights) != n:
+        raise ValueError(
+            f"data.weights has {len(weights)} entries but data.datasets has {n} ({data_cfg.datasets}); "
+            "give one weight per dataset, or none for equal weights"
+        )
+    if any(not w > 0 for w in weights):
+        raise ValueError(f"data.weights must all be positive, got {weights}")
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+def local_files(spec: str) -> list[Path]:
+    """The files of a local dataset: the file itself, or a folder's data files, sorted."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        if path.suffix not in LOCAL_SUFFIXES:
+            raise ValueError(f"dataset file {spec!r} has an unsupported type; accepted: {LOCAL_SUFFIXES}")
+        return [path]
+    if path.is_dir():
+        # Sorted by the path relative to the folder so the order is the same on every machine.
+        files = [p for p in path.rglob("*") if p.suffix in LOCAL_SUFFIXES and p.is_file()]
+        if not files:
+            raise ValueError(f"dataset folder {spec!r} holds no {'/'.join(LOCAL_SUFFIXES)} files")
+        return sorted(files, key=lambda p: p.relative_to(path).as_posix())
+    raise ValueError(f"dataset {spec!r} is not a known name nor an existing path; accepted: {_ACCEPTED}")
+
+
+def _build_one(spec: str, data_cfg, split: str):
+    if spec == "stdlib":
+        return FileListSource(stdlib_files(split, data_cfg.val_fraction), data_cfg.text_field, "stdlib")
+    if spec in HF_ALIASES:
+        repo, config, text_field = HF_ALIASES[spec]
+        return HFSource(repo, config, split, text_field)
+    if spec.startswith("hf:"):
+        repo, _, config = spec[len("hf:"):].partition(":")
+        return HFSource(repo, config or None, split, data_cfg.text_field)
+    files = local_files(spec)  # raises for a missing path, naming what is accepted
+    if split != "train":
+        raise ValueError(
+            f"local dataset {spec!r} has no {split!r} split (not implemented for local data); "
+            "validate on 'stdlib' or a hub dataset with a validation split"
+        )
+    return FileListSource(files, data_cfg.text_field, spec)
+
+
+def build_source(data_cfg, split: str = "train"):
+    """The document source for ``data_cfg.datasets`` (a mixture when there are several)."""
+    if split not in ("train", "validation"):
+        raise ValueError(f"unknown split {split!r}: use 'train' or 'validation'")
+    weights = resolve_weights(data_cfg)
+    sources = [_build_one(spec, data_cfg, split) for spec in data_cfg.datasets]
+    if len(sources) == 1:
+        return sources[0]
+    return MixtureSource(sources, weights, data_cfg.mixture_seed)

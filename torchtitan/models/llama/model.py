@@ -1,0 +1,290 @@
+"""Llama 3 in pure PyTorch (no distributed code).
+
+The layout and parameter names follow Meta's reference llama3 code and torchtitan, so
+checkpoints and parallelization plans written against those names apply here unchanged.
+Parallelism (TP, FSDP, PP, activation checkpointing, compile) is applied from outside.
+
+Initialization contract: build on the meta device, parallelize, ``model.to_empty(device=...)``,
+then ``model.init_weights()``. ``init_weights`` therefore recomputes every buffer (RoPE tables),
+not only the parameters.
+
+Shape suffixes: B batch, T sequence, D model dim, H query heads, K kv heads, E head dim,
+F ffn hidden dim, V vocab.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class RoPEScalingArgs:
+    """Llama 3.1 frequency scaling: stretches the low frequencies for long context."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass
+class TransformerModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None  # None = n_heads (no GQA)
+    vocab_size: int = 128256  # overwritten from the tokenizer at build time
+    multiple_of: int = 256  # FFN hidden size is rounded up to a multiple of this
+    ffn_dim_multiplier: Optional[float] = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    rope_scaling: Optional[RoPEScalingArgs] = None  # None = plain RoPE
+    max_seq_len: int = 8192  # length of the precomputed RoPE table
+    depth_init: bool = True  # scale output-projection init by layer depth
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.dim % self.n_heads != 0:
+            raise ValueError(f"dim={self.dim} must be divisible by n_heads={self.n_heads}")
+        if self.n_heads % self.n_kv_heads != 0:
+            raise ValueError(f"n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}")
+        if self.head_dim % 2 != 0:
+            raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        return compute_ffn_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
+
+
+def compute_ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) -> int:
+    """SwiGLU hidden size exactly as Meta's llama3 code (8B: 4096 -> 14336)."""
+    # 2/3 of 4*dim keeps the parameter count of a 4*dim GELU MLP despite the third matrix.
+    hidden_dim = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden_dim = int(ffn_dim_multiplier * hidden_dim)
+    return multiple_of * ((hidden_dim + multiple_of - 1) // multiple_of)
+
+
+# ----------------------------------------------------------------------------- RoPE
+
+
+def _apply_rope_scaling(inv_freq: torch.Tensor, scaling: RoPEScalingArgs) -> torch.Tensor:
+    """Llama 3.1 scaling: keep high frequencies, divide low ones by `factor`, blend between."""
+    low_freq_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
+    high_freq_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    blended = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(is_medium, blended, scaled)
+
+
+def precompute_rope_cos_sin(
+    head_dim: int,
+    max_seq_len: int,
+    theta: float,
+    scaling: Optional[RoPEScalingArgs] = None,
+    device: Optional[torch.device] = None,
+) -> torch.Tensor:
+    """RoPE table of shape (max_seq_len, head_dim // 2, 2) holding (cos, sin), in fp32.
+
+    Stored as real numbers rather than Meta's complex `freqs_cis` because `model.to(bf16)`
+    would silently drop the imaginary part of a complex buffer.
+    """
+    exponents = torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim
+    inv_freq = 1.0 / (theta**exponents)
+    if scaling is not None:
+        inv_freq = _apply_rope_scaling(inv_freq, scaling)
+    positions = torch.arange(max_seq_len, device=device, dtype=torch.float32)
+    angles_TE = torch.outer(positions, inv_freq)
+    return torch.stack([angles_TE.cos(), angles_TE.sin()], dim=-1)
+
+
+def apply_rotary_emb(x_BTHE: torch.Tensor, freqs_cis_TE2: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x[2i], x[2i+1]) like Meta's complex multiply, computed in fp32."""
+    B, T, H, E = x_BTHE.shape
+    pairs = x_BTHE.float().reshape(B, T, H, E // 2, 2)
+    x0, x1 = pairs.unbind(-1)
+    cos = freqs_cis_TE2[:T, None, :, 0]  # (T, 1, E/2) broadcasts over B and H
+    sin = freqs_cis_TE2[:T, None, :, 1]
+    rotated = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+    return rotated.reshape(B, T, H, E).type_as(x_BTHE)
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 and cast back, as Meta's reference (stable under bf16)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_fp32 = x.float()
+        normed = x_fp32 * torch.rsqrt(x_fp32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+    def reset_parameters(self):
+        nn.init.ones_(self.weight)
+
+
+class Attention(nn.Module):
+    """Causal grouped-query attention with RoPE on q and k."""
+
+    def __init__(self, args: TransformerModelArgs):
+        super().__init__()
+        self.n_heads = args.n_heads
+        self.n_kv_heads = args.n_kv_heads
+        self.head_dim = args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+
+    def init_weights(self, init_std: float):
+        for linear in (self.wq, self.wk, self.wv):
+            nn.init.trunc_normal_(linear.weight, mean=0.0, std=0.02)
+        nn.init.trunc_normal_(self.wo.weight, mean=0.0, std=init_std)
+
+    def forward(self, x_BTD: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        # -1 instead of n_heads: under tensor parallelism each rank holds a slice of the heads.
+        q_BTHE = self.wq(x_BTD).view(B, T, -1, self.head_dim)
+        k_BTKE = self.wk(x_BTD).view(B, T, -1, self.head_dim)
+        v_BTKE = self.wv(x_BTD).view(B, T, -1, self.head_dim)
+        q_BTHE = apply_rotary_emb(q_BTHE, freqs_cis)
+        k_BTKE = apply_rotary_emb(k_BTKE, freqs_cis)
+        # Query head h reads kv head h // n_rep (same grouping as Meta and HF repeat_kv).
+        n_rep = self.n_heads // self.n_kv_heads
+        k_BTHE = k_BTKE.repeat_interleave(n_rep, dim=2)
+        v_BTHE = v_BTKE.repeat_interleave(n_rep, dim=2)
+        out_BHTE = F.scaled_dot_product_attention(
+            q_BTHE.transpose(1, 2), k_BTHE.transpose(1, 2), v_BTHE.transpose(1, 2), is_causal=True
+        )
+        return self.wo(out_BHTE.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU MLP: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def init_weights(self, init_std: float):
+        nn.init.trunc_normal_(self.w1.weight, mean=0.0, std=0.02)
+        for linear in (self.w2, self.w3):
+            nn.init.trunc_normal_(linear.weight, mean=0.0, std=init_std)
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x_BTD)) * self.w3(x_BTD))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: TransformerModelArgs):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+        # Kept per block so the std stays right after pipeline splitting deletes other layers.
+        if args.depth_init:
+            self.weight_init_std = 0.02 / (2 * (layer_id + 1)) ** 0.5
+        else:
+            self.weight_init_std = 0.02 / (2 * args.n_layers) ** 0.5
+
+    def init_weights(self):
+        for norm in (self.attention_norm, self.ffn_norm):
+            norm.reset_parameters()
+        self.attention.init_weights(self.weight_init_std)
+        self.feed_forward.init_weights(self.weight_init_std)
+
+    def forward(self, x_BTD: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+        h_BTD = x_BTD + self.attention(self.attention_norm(x_BTD), freqs_cis)
+        return h_BTD + self.feed_forward(self.ffn_norm(h_BTD))
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class Transformer(nn.Module):
+    """Llama 3 decoder. Pipeline stages may set tok_embeddings / norm / output to None."""
+
+    def __init__(self, args: TransformerModelArgs):
+        super().__init__()
+        self.model_args = args
+        self.vocab_size = args.vocab_size
+        self.n_layers = args.n_layers
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        # Non-persistent: derived from args, so checkpoints never carry (or disagree on) it.
+        self.register_buffer("freqs_cis", self._precompute_freqs_cis(), persistent=False)
+        # ModuleDict keyed "0".."n-1": FQNs stay stable when pipeline stages drop layers.
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(i, args) for i in range(args.n_layers)})
+        self.norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.init_weights()
+
+    def _precompute_freqs_cis(self, device: Optional[torch.device] = None) -> torch.Tensor:
+        a = self.model_args
+        return precompute_rope_cos_sin(a.head_dim, a.max_seq_len, a.rope_theta, a.rope_scaling, device)
+
+    def init_weights(self, buffer_device: Optional[torch.device] = None):
+        """(Re)initialize all parameters and buffers; call after `to_empty` on a meta-built model."""
+        buffer_device = buffer_device or self.freqs_cis.device
+        self.freqs_cis = self._precompute_freqs_cis(buffer_device)
+        if self.tok_embeddings is not None:
+            nn.init.normal_(self.tok_embeddings.weight)
+        for layer in self.layers.values():
+            if layer is not None:
+                layer.init_weights()
+        if self.norm is not None:
+            self.norm.reset_parameters()
+        if self.output is not None:
+            std = self.model_args.dim**-0.5
+            cutoff = 3 * std
+            nn.init.trunc_normal_(self.output.weight, mean=0.0, std=std, a=-cutoff, b=cutoff)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens_BT (int) -> logits_BTV; a later pipeline stage gets and returns h_BTD instead."""
+        h_BTD = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        if h_BTD.shape[1] > self.freqs_cis.shape[0]:
+            raise ValueError(f"sequence length {h_BTD.shape[1]} exceeds max_seq_len {self.freqs_cis.shape[0]}")
+        for layer in self.layers.values():
+            h_BTD = layer(h_BTD, self.freqs_cis)
+        h_BTD = self.norm(h_BTD) if self.norm is not None else h_BTD
+        return self.output(h_BTD) if self.output is not None else h_BTD
+
+
+def get_nparams_and_flops(model: nn.Module, args: TransformerModelArgs, seq_len: int) -> tuple[int, int]:
+    """Parameter count and training FLOPs per token (forward + backward).
+
+    flops_per_token = 6 * (nparams - nparams_embedding) + 12 * n_layers * n_heads * head_dim * seq_len
+      - 6 * N: 2 FLOPs per multiply-add in the forward, twice that in the backward, for every
+        non-embedding weight (the embedding is a lookup, not a matmul; the output layer counts).
+      - 12 * L * H * E * T: the attention scores QK^T and the weighted sum with V (2 matmuls,
+        2 * H * E * T FLOPs each per token in the forward, x3 for forward + backward).
+    Causal masking is ignored, as in PaLM / torchtitan, so this is an upper bound for MFU.
+    """
+    nparams = sum(p.numel() for p in model.parameters())
+    tok_embeddings = getattr(model, "tok_embeddings", None)
+    nparams_embedding = tok_embeddings.weight.numel() if tok_embeddings is not None else 0
+    attention_flops = 12 * args.n_layers * args.n_heads * args.head_dim * seq_len
+    return nparams, 6 * (nparams - nparams_embedding) + attention_flops

@@ -1,0 +1,111 @@
+"""Process-group set-up, determinism and the distributed reductions the loop needs."""
+
+import os
+import random
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from torchtitan.config.job_config import Comm
+from torchtitan.tools.logging import logger
+
+
+def device_type() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def init_distributed(comm: Comm, dump_folder: str) -> torch.device:
+    """Join the process group (nccl on CUDA, gloo otherwise) and pick this rank's device.
+
+    Works under torchrun and also in a bare process (world size 1), so tests and
+    notebooks need no launcher.
+    """
+    for key, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, default)
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    dtype = device_type()
+    if dtype == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        _set_nccl_env(comm, dump_folder)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=timedelta(seconds=comm.init_timeout_seconds))
+    return device
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _set_nccl_env(comm: Comm, dump_folder: str) -> None:
+    # Async error handling turns a hung collective into an exception instead of a hang.
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
+    if comm.trace_buf_size > 0:
+        os.environ.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", str(comm.trace_buf_size))
+        trace_dir = os.path.join(dump_folder, "comm_trace")
+        os.makedirs(trace_dir, exist_ok=True)
+        os.environ.setdefault("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", os.path.join(trace_dir, "rank_"))
+        os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
+
+
+def shutdown_distributed() -> None:
+    # Without a final barrier, gloo ranks abort at exit at random (see shared notes).
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def set_determinism(seed: int, deterministic: bool) -> None:
+    """Seed every generator; with ``deterministic`` also force deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+        torch.use_deterministic_algorithms(True, warn_only=False)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+
+
+def dist_reduce(x: torch.Tensor, op: str, group=None) -> float:
+    """Reduce a scalar tensor over ``group`` (all ranks when None) and return a float.
+
+    This is a host sync: the loop calls it on log steps only.
+    """
+    assert op in ("sum", "max", "mean"), op
+    if not (dist.is_initialized() and dist.get_world_size(group) > 1):
+        return x.item()
+    x = x.detach().clone()
+    # gloo has no AVG: sum, then divide.
+    dist.all_reduce(x, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=group)
+    return x.item() / (dist.get_world_size(group) if op == "mean" else 1)
+
+
+def clip_grad_norm_(params, max_norm: float, pp_group=None) -> torch.Tensor:
+    """Total gradient norm over every parameter of the model (all ranks), clipped to ``max_norm``.
+
+    With DTensor gradients (FSDP, TP) the norm of each is already global over its mesh;
+    pipeline stages hold disjoint parameters, so their squared norms are summed over ``pp_group``.
+    ``max_norm <= 0`` only measures.
+    """
+    params = [p for p in params if p.grad is not None]
+    total = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+    if hasattr(total, "full_tensor"):
+        total = total.full_tensor()
+    if pp_group is not None:
+        total = total**2
+        dist.all_reduce(total, group=pp_group)
+        total = total.sqrt()
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
+    return total
