@@ -12,9 +12,13 @@ if [ -z "${NGPU:-}" ]; then
 fi
 CONFIG_FILE=${CONFIG_FILE:-"./train_configs/debug_model.toml"}
 LOG_RANK=${LOG_RANK:-0}
-# One thread per process: on small CPUs more threads fight each other (7x slower seen).
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# Split the cores between the processes: oversubscribed threads fight (7x slower seen on 2 cores).
+if [ -z "${OMP_NUM_THREADS:-}" ]; then
+  OMP_NUM_THREADS=$(( $(nproc) / NGPU ))
+  [ "${OMP_NUM_THREADS}" -ge 1 ] || OMP_NUM_THREADS=1
+fi
+export OMP_NUM_THREADS
 
 exec torchrun --standalone --nproc_per_node="${NGPU}" \
-  --local-ranks-filter "${LOG_RANK}" --role rank --tee 3 \
+  --local-ranks-filter "${LOG_RANK}" --role rank \
   train.py --job.config_file "${CONFIG_FILE}" "$@"

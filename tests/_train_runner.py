@@ -1,10 +1,11 @@
 """Runs train.py's main in a child process for the tests; optionally dies mid-save.
 
-    python tests/_train_runner.py [--kill-during-save STEP] -- <train.py args>
+    python tests/_train_runner.py [--kill-during-save STEP] [--sigterm-at-step STEP] -- <train.py args>
 
-With --kill-during-save, the process SIGKILLs itself after DCP has written the data
-files of the checkpoint for STEP but before it finished: what a crash or an OOM-killer
-does to a real save.
+--kill-during-save: the process SIGKILLs itself after DCP has written the data files of
+the checkpoint for STEP but before it finished: what a crash or an OOM-killer does to a save.
+--sigterm-at-step: SIGTERM arrives during step STEP - 1, so the run stops after STEP, as a
+preempted job would (the schedule still spans training.steps, unlike a shorter run).
 """
 
 import os
@@ -30,10 +31,24 @@ def _arm_kill(step: int) -> None:
     filesystem.FileSystemWriter.write_data = write_then_die
 
 
+def _arm_sigterm(step: int) -> None:
+    from torchtitan.trainer import Trainer
+
+    original = Trainer.train_step
+
+    def step_then_signal(self, *a, **kw):
+        result = original(self, *a, **kw)
+        if self.train_state.step == step - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    Trainer.train_step = step_then_signal
+
+
 if __name__ == "__main__":
     args = sys.argv[1:]
-    if args[:1] == ["--kill-during-save"]:
-        _arm_kill(int(args[1]))
+    while args and args[0] in ("--kill-during-save", "--sigterm-at-step"):
+        (_arm_kill if args[0] == "--kill-during-save" else _arm_sigterm)(int(args[1]))
         args = args[2:]
     if args[:1] == ["--"]:
         args = args[1:]

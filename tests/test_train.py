@@ -28,10 +28,13 @@ def tiny_args(dump: Path, cache: Path, steps: int, *extra: str) -> list[str]:
     ]
 
 
-def run(args: list[str], kill_step: int | None = None, check: bool = True) -> subprocess.CompletedProcess:
+def run(args: list[str], kill_step: int | None = None, sigterm_step: int | None = None,
+        check: bool = True) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(RUNNER)]
     if kill_step is not None:
         cmd += ["--kill-during-save", str(kill_step)]
+    if sigterm_step is not None:
+        cmd += ["--sigterm-at-step", str(sigterm_step)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd + ["--", *args], capture_output=True, text=True, env=env, timeout=600)
     if check and proc.returncode != 0:
@@ -61,8 +64,11 @@ def test_metrics_have_the_documented_keys(reference):
 
 
 def test_resume_is_bitwise_identical(tmp_path, cache_dir, reference):
-    ckpt = ["--checkpoint.enable", "--checkpoint.interval", "10"]
-    run(tiny_args(tmp_path, cache_dir, 10, *ckpt))
+    """10 steps, stop (preemption at step 10), resume, 10 more: every step equals the 20-step run."""
+    ckpt = ["--checkpoint.enable", "--checkpoint.interval", "1000"]
+    proc = run(tiny_args(tmp_path, cache_dir, 20, *ckpt), sigterm_step=10)
+    assert "stopped cleanly after step 10" in proc.stderr
+    assert [p.name for p in (tmp_path / "checkpoint").iterdir()] == ["step-10"]
     assert (tmp_path / "checkpoint" / "step-10" / ".metadata").is_file()
     assert (tmp_path / "checkpoint" / "step-10" / "config.toml").is_file()
     run(tiny_args(tmp_path, cache_dir, 20, *ckpt))

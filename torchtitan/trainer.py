@@ -162,14 +162,18 @@ class Trainer:
             f"dp {self.parallel_dims.dp}, seq_len {cfg.seq_len}"
         )
         losses = []
+        window_losses, window_norms = [], []  # device tensors: no host sync until the log step
         while self.train_state.step < cfg.steps:
             self.train_state.step += 1
             step = self.train_state.step
             if step % cfg.gc_freq == 0:
                 gc.collect(1)
             loss, grad_norm, stopping = self.train_step(data_iter, stop.requested())
+            window_losses.append(loss)
+            window_norms.append(grad_norm)
             if self.metrics.should_log(step):
-                losses.append(self.log(step, loss, grad_norm))
+                losses.append(self.log(step, torch.stack(window_losses).mean(), torch.stack(window_norms).max()))
+                window_losses, window_norms = [], []
             if self.checkpointer.should_save(step, cfg.steps) or (stopping and self.checkpointer.enabled):
                 self.checkpointer.save(step)
             if stopping:
@@ -233,7 +237,11 @@ class Trainer:
         logger.warning(f"step {step}: non-finite loss or grad norm, update skipped")
 
     def log(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> float:
-        # Host syncs live here, on log steps only.
+        """Log the window's mean loss (over steps and ranks) and its largest grad norm.
+
+        The mean over the window, as Megatron logs it, shows the trend; a single step's loss on
+        a few documents is noisy. Host syncs live here, on log steps only.
+        """
         loss_avg = dist_reduce(loss, "mean")
         record = self.metrics.log(step, loss_avg, grad_norm.item(), self.lr_scheduler.get_last_lr()[0])
         return record["loss"]

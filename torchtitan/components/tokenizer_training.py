@@ -96,7 +96,11 @@ def train_hf_bpe(files: Iterable[Path], n_ranks: int):
 
 def train_bpe(files: Iterable[Path], n_ranks: int) -> dict[bytes, int]:
     """Byte-level BPE with Llama 3's pre-tokenization: ``n_ranks`` tokens (256 bytes + merges)."""
-    tokenizer = train_hf_bpe(files, n_ranks)
+    return hf_bpe_to_ranks(train_hf_bpe(files, n_ranks))
+
+
+def hf_bpe_to_ranks(tokenizer) -> dict[bytes, int]:
+    """tiktoken ranks of a trained HF byte-level BPE ``tokenizers.Tokenizer``."""
     return _ranks_from_merges(json.loads(tokenizer.to_str())["model"]["merges"])
 
 

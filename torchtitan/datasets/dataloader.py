@@ -14,12 +14,17 @@ The state is refused on load when a field that defines the stream differs (the
 fingerprint), rather than silently training on a different stream.
 """
 
+import warnings
+
 import torch
 from torch.distributed.checkpoint.stateful import Stateful
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from torchtitan.datasets.packing import PackedDataset
 from torchtitan.datasets.sources import build_source, resolve_weights
+
+# torchdata 0.11 calls an API torch 2.13 deprecated; nothing for a user to act on.
+warnings.filterwarnings("ignore", message=".*set_vital.*")
 
 STATE_VERSION = 1
 _PREFETCH_FACTOR = 2  # global batches each worker prepares ahead
@@ -52,7 +57,11 @@ class DistributedDataLoader(Stateful):
         # With num_workers=0 this is the dataset's state right after the last batch
         # (nothing is prefetched); with workers, StatefulDataLoader keeps per-batch
         # snapshots of each worker's state and which worker is next.
-        return {"loader": self.loader.state_dict(), "fingerprint": dict(self.fingerprint), "version": STATE_VERSION}
+        return {
+            "loader": self.loader.state_dict(),
+            "fingerprint": dict(self.fingerprint),
+            "version": STATE_VERSION,
+        }
 
     def load_state_dict(self, state_dict: dict) -> None:
         version = state_dict.get("version")

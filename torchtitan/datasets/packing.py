@@ -95,7 +95,7 @@ class PackedDataset(IterableDataset, Stateful):
     def state_dict(self) -> dict:
         return {
             "source": self.source.state_dict(),
-            "buffer": [],  # a list, not a tensor: its length varies
+            "buffer": list(self._buffer),  # a list, not a tensor: its length varies
             "windows_cut": self._windows_cut,
         }
 

@@ -94,7 +94,8 @@ def read_texts(path: Path, text_field: str, start: int = 0) -> Iterator[str]:
             if i >= start:  # resume re-parses the skipped lines: simple, and exact
                 yield _record_text(record, text_field, f"{path} record {i}")
     else:
-        raise ValueError(f"{path}: unsupported file type; use one of {_WHOLE_FILE_SUFFIXES + _RECORD_SUFFIXES}")
+        accepted = _WHOLE_FILE_SUFFIXES + _RECORD_SUFFIXES
+        raise ValueError(f"{path}: unsupported file type; use one of {accepted}")
 
 
 class FileListSource(Stateful):

@@ -2,16 +2,21 @@
 
 It needs no download, is 13-30 MB of real text on every machine, and is the same
 on every rank. One document per ``.py`` file, in sorted order of the path relative
-to the stdlib root, so the order does not depend on the file system. A file goes
+to the stdlib root, then shuffled with a fixed seed, so the order does not depend on
+the file system and related modules are not adjacent (sorted, all of ``test/`` would be
+one long stretch of a few thousand steps). A file goes
 to the validation split when a hash of its relative path falls below
 ``val_fraction``: stable across runs and machines, and independent of which other
 files exist.
 """
 
 import hashlib
+import os
+import random
 import sysconfig
 from pathlib import Path
 
+_ORDER_SEED = 1234  # part of the corpus definition: changing it changes every run's data order
 _EXCLUDED_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 
 
@@ -25,21 +30,25 @@ def _in_val_split(rel_path: str, val_fraction: float) -> bool:
 
 
 def stdlib_files(split: str = "train", val_fraction: float = 0.01) -> list[Path]:
-    """Sorted ``.py`` files of the stdlib for ``split`` ("train", "validation" or "all")."""
+    """The ``.py`` files of the stdlib, in the corpus order, for ``split`` ("train", "validation" or "all")."""
     if split not in ("train", "validation", "all"):
         raise ValueError(f"unknown split {split!r}: use 'train', 'validation' or 'all'")
     root = stdlib_root()
     files = []
-    for path in root.rglob("*.py"):
-        rel = path.relative_to(root)
-        if _EXCLUDED_DIRS.intersection(rel.parts[:-1]) or not path.is_file():
-            continue
-        if split != "all" and _in_val_split(rel.as_posix(), val_fraction) != (split == "validation"):
-            continue
-        files.append(rel)
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in _EXCLUDED_DIRS]  # prune: site-packages is huge
+        for name in filenames:
+            if not name.endswith(".py"):
+                continue
+            rel = (Path(dirpath) / name).relative_to(root)
+            if split != "all" and _in_val_split(rel.as_posix(), val_fraction) != (split == "validation"):
+                continue
+            files.append(rel)
     if not files:
         raise ValueError(f"no .py files found under the stdlib at {root} (split {split!r})")
-    return [root / rel for rel in sorted(files, key=lambda p: p.as_posix())]
+    files.sort(key=lambda p: p.as_posix())
+    random.Random(_ORDER_SEED).shuffle(files)
+    return [root / rel for rel in files]
 
 
 def read_document(path: Path) -> str:
