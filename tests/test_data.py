@@ -4,6 +4,7 @@ Everything is local: the stdlib corpus (restricted to a few files for speed), sm
 files written to tmp_path, and a fake in place of the Hugging Face hub.
 """
 
+from collections import Counter
 import functools
 import json
 
@@ -101,6 +102,27 @@ def test_resume_continues_exactly(corpus, num_workers, small_stdlib, mixture_cfg
     assert_same(take(resumed, 12), reference)
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_shuffled_windows_resume_exactly_and_mix_the_stream(num_workers, small_stdlib):
+    plain = torch.cat(take(loader(Data()), 40 + 16 // GLOBAL_BATCH + 1))
+    cfg = Data(shuffle_windows=16, seed=3, num_workers=num_workers)
+    dl = loader(cfg)
+    first = take(dl, 21)
+    state = dl.state_dict()
+    reference = take(dl, 19)
+    resumed = loader(cfg)
+    resumed.load_state_dict(state)
+    assert_same(take(resumed, 19), reference)
+    shuffled = torch.cat(first + reference)
+    assert not torch.equal(shuffled, plain[: len(shuffled)])  # the order changed ...
+    rows = lambda t: Counter(tuple(r.tolist()) for r in t)  # noqa: E731
+    assert rows(shuffled) <= rows(plain)  # ... every window comes from the stream, once ...
+    missing = rows(plain[: len(shuffled)]) - rows(shuffled)
+    assert sum(missing.values()) <= 16  # ... and at most a pool's worth still waits in the pool
+    with pytest.raises(ValueError, match="shuffle_windows: saved 16, current 0"):
+        loader(Data(seed=3)).load_state_dict(state)
+
+
 @pytest.mark.parametrize("corpus", ["stdlib", "mixture"])
 def test_workers_do_not_change_the_stream(corpus, small_stdlib, mixture_cfg):
     cfg = Data() if corpus == "stdlib" else mixture_cfg
@@ -153,8 +175,8 @@ def test_load_refuses_a_different_stream(small_stdlib):
     state = loader(Data()).state_dict()
     with pytest.raises(ValueError, match=r"seq_len: saved 64, current 32"):
         loader(Data(), seq_len=32).load_state_dict(state)
-    with pytest.raises(ValueError, match=r"mixture_seed: saved 0, current 5"):
-        loader(Data(mixture_seed=5)).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"seed: saved 0, current 5"):
+        loader(Data(seed=5)).load_state_dict(state)
     with pytest.raises(ValueError, match=r"version"):
         loader(Data()).load_state_dict({**state, "version": 99})
 

@@ -1,12 +1,14 @@
 """End-to-end single-process training: exact resume, crash-safe checkpoints, metrics."""
 
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 RUNNER = REPO / "tests" / "_train_runner.py"
@@ -29,12 +31,12 @@ def tiny_args(dump: Path, cache: Path, steps: int, *extra: str) -> list[str]:
 
 
 def run(args: list[str], kill_step: int | None = None, sigterm_step: int | None = None,
-        check: bool = True) -> subprocess.CompletedProcess:
+        nan_step: int | None = None, check: bool = True) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(RUNNER)]
-    if kill_step is not None:
-        cmd += ["--kill-during-save", str(kill_step)]
-    if sigterm_step is not None:
-        cmd += ["--sigterm-at-step", str(sigterm_step)]
+    for flag, step in (("--kill-during-save", kill_step), ("--sigterm-at-step", sigterm_step),
+                       ("--nan-at-step", nan_step)):
+        if step is not None:
+            cmd += [flag, str(step)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd + ["--", *args], capture_output=True, text=True, env=env, timeout=600)
     if check and proc.returncode != 0:
@@ -51,7 +53,7 @@ def metrics(dump: Path) -> dict[int, dict]:
 def reference(tmp_path_factory, cache_dir) -> dict[int, dict]:
     """The uninterrupted 20-step run every resume is compared with."""
     dump = tmp_path_factory.mktemp("ref")
-    run(tiny_args(dump, cache_dir, 20))
+    run(tiny_args(dump, cache_dir, 20, "--metrics.enable_tensorboard"))
     return metrics(dump)
 
 
@@ -130,3 +132,42 @@ def test_load_step_that_does_not_exist_is_a_clear_error(tmp_path, cache_dir):
     proc = run(args, check=False)
     assert proc.returncode != 0
     assert "checkpoint.load_step=7" in proc.stderr and "complete ones" in proc.stderr
+
+
+def test_tensorboard_and_plot_outputs(reference, tmp_path_factory):
+    dump = next(Path(tmp_path_factory.getbasetemp()).glob("ref*"))
+    assert list((dump / "tb").glob("events.out.tfevents.*"))
+    out = tmp_path_factory.mktemp("plot") / "m.png"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "plot_metrics.py"), str(dump / "metrics.jsonl"),
+                           "--output", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_non_finite_loss_stops_with_the_step_named(tmp_path, cache_dir):
+    proc = run(tiny_args(tmp_path, cache_dir, 6), nan_step=4, check=False)
+    assert proc.returncode != 0
+    assert "not finite at step 4" in proc.stderr and "skip_nan_inf" in proc.stderr
+
+
+def _saved_model(ckpt_dir: Path, tmp: Path) -> dict:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(ckpt_dir, tmp / "flat.pt")
+    return torch.load(tmp / "flat.pt", weights_only=True)["model"]
+
+
+def test_skip_nan_inf_skips_and_counts_the_step(tmp_path, cache_dir, reference):
+    ckpt = ["--checkpoint.enable", "--checkpoint.interval", "1000", "--training.skip_nan_inf"]
+    run(tiny_args(tmp_path / "a", cache_dir, 20, *ckpt), sigterm_step=3)
+    run(tiny_args(tmp_path / "b", cache_dir, 20, *ckpt), nan_step=4, sigterm_step=4)
+    before = _saved_model(tmp_path / "a" / "checkpoint" / "step-3", tmp_path / "a")
+    after = _saved_model(tmp_path / "b" / "checkpoint" / "step-4", tmp_path / "b")
+    assert before.keys() == after.keys()
+    for name in before:  # the skipped update left every weight untouched
+        assert torch.equal(before[name], after[name]), name
+    run(tiny_args(tmp_path / "b", cache_dir, 20, *ckpt))  # resume and finish
+    m = metrics(tmp_path / "b")
+    assert m[3]["skipped_steps"] == 0 and m[4]["skipped_steps"] == 1 and m[20]["skipped_steps"] == 1
+    assert m[3]["loss"] == reference[3]["loss"] and math.isnan(m[4]["loss"])
+    assert all(math.isfinite(m[s]["loss"]) for s in range(5, 21))

@@ -5,6 +5,7 @@ tokenizer -> data -> model on the meta device -> parallelize -> materialize and
 init -> optimizer -> lr schedule -> checkpoint load -> metrics.
 """
 
+import contextlib
 import gc
 import os
 import signal
@@ -14,6 +15,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch.distributed.checkpoint.stateful import Stateful
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
 
 from torchtitan.components.checkpoint import BlobState, CheckpointManager, ModelState, OptimizerState
 from torchtitan.components.metrics import MetricsLogger
@@ -24,7 +28,9 @@ from torchtitan.config.manager import dump_config
 from torchtitan.datasets.dataloader import build_dataloader
 from torchtitan.models.llama import Transformer, build_model_args, get_nparams_and_flops
 from torchtitan.models.llama.parallelize import parallelize_llama
+from torchtitan.parallelisms.init import init_model_weights
 from torchtitan.parallelisms.parallel_dims import ParallelDims
+from torchtitan.parallelisms.pipeline_llama import Pipeline, pipeline_llama
 from torchtitan.parallelisms.utils import (
     clip_grad_norm_,
     dist_reduce,
@@ -63,6 +69,11 @@ class StopRequest:
         return self.signalled or (self.deadline is not None and time.monotonic() > self.deadline)
 
 
+def plain_loss(loss: torch.Tensor) -> torch.Tensor:
+    """loss_parallel returns the loss as a replicated DTensor: the same value as a plain tensor."""
+    return loss.full_tensor() if isinstance(loss, DTensor) else loss
+
+
 def batch_split(global_bs: int, local_bs: int, dp: int) -> tuple[int, int]:
     """(local batch, gradient accumulation steps) from the global and local batch sizes."""
     if global_bs % dp:
@@ -95,8 +106,16 @@ class Trainer:
             cfg.data, self.tokenizer, cfg.training.seq_len, cfg.training.global_batch_size,
             self.parallel_dims.dp_rank, self.parallel_dims.dp, device_type=self.device.type,
         )
-        self.model, self.flops_per_token = self.build_model()
-        self.optimizer = build_optimizer(cfg.optimizer, self.model.parameters(), self.device.type)
+        self.pipeline: Pipeline | None = None
+        if self.parallel_dims.pp_enabled:
+            self.pipeline, self.flops_per_token = self.build_pipeline()
+            self.model_parts = self.pipeline.model_parts
+            self.model = None  # no rank holds the whole model: use model_parts
+        else:
+            self.model, self.flops_per_token = self.build_model()
+            self.model_parts = [self.model]
+        self.autocast = self.build_autocast()
+        self.optimizer = build_optimizer(cfg.optimizer, self.parameters(), self.device.type)
         self.lr_scheduler = build_lr_scheduler(cfg.lr_scheduler, self.optimizer, cfg.training.steps)
         self.train_state = TrainState()
         self.checkpointer = self.build_checkpointer()
@@ -116,7 +135,13 @@ class Trainer:
         return dims
 
     def build_model(self) -> tuple[torch.nn.Module, float]:
+        model, flops_per_token = self.build_meta_model()
+        return self.parallelize_and_init(model), flops_per_token
+
+    def build_meta_model(self) -> tuple[torch.nn.Module, float]:
         cfg = self.cfg
+        if cfg.model.name != "llama3":
+            raise ValueError(f"model.name {cfg.model.name!r} is not available; this build has 'llama3'")
         args = build_model_args(
             cfg.model.flavor, vocab_size=self.tokenizer.n_words, max_seq_len=cfg.training.seq_len,
             n_layers=cfg.model.n_layers, dim=cfg.model.dim,
@@ -126,25 +151,74 @@ class Trainer:
             model = Transformer(args)
         nparams, flops_per_token = get_nparams_and_flops(model, args, cfg.training.seq_len)
         logger.info(f"model {cfg.model.name} {cfg.model.flavor}: {nparams:,} params, {args}")
-        model = parallelize_llama(model, self.parallel_dims, cfg.activation_checkpoint, cfg.compile)
-        model.to_empty(device=self.device)
-        # The same seed gives the same weights however the model is laid out (see parallelize).
-        torch.manual_seed(cfg.training.seed)
-        with torch.no_grad():
-            model.init_weights()
-        model.train()
         return model, flops_per_token
+
+    def parallelize_and_init(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Meta model (or pipeline stage part) -> parallelized, materialized, seeded init."""
+        cfg, args = self.cfg, model.model_args
+        model = parallelize_llama(
+            model, self.parallel_dims, cfg.activation_checkpoint, cfg.compile,
+            parallelism=cfg.parallelism, training=cfg.training, experimental=cfg.experimental,
+        )
+        # FSDP CPU offload keeps the sharded parameters in host memory.
+        offload = cfg.training.enable_cpu_offload and self.parallel_dims.fsdp_enabled
+        model.to_empty(device="cpu" if offload else self.device)
+        # The same seed gives the same weights however the model is laid out (see init.py).
+        init_model_weights(model, args, cfg.training.seed, self.device)
+        model.train()
+        return model
+
+    def build_pipeline(self) -> tuple[Pipeline, float]:
+        """Split the meta model into this rank's pipeline stages; each part goes through
+        ``parallelize_and_init`` like a whole model, so PP composes with TP and FSDP."""
+        model, flops_per_token = self.build_meta_model()
+
+        def scaled_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
+            # The schedule sums microbatch losses (scale_grads=False): divide so that the sum over
+            # microbatches and accumulation steps is the mean over this rank's rows, as without PP.
+            return self.loss_fn(logits_BTV, labels_BT) / (self.pipeline.n_microbatches * self.accum_steps)
+
+        pipeline = pipeline_llama(
+            model, self.parallel_dims, self.cfg.parallelism, self.local_bs, self.device,
+            scaled_loss, self.parallelize_and_init,
+        )
+        return pipeline, flops_per_token
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """Every parameter this rank holds (all pipeline stage parts)."""
+        return [p for part in self.model_parts for p in part.parameters()]
+
+    def build_autocast(self):
+        """bf16 compute without FSDP: autocast (FSDP's MixedPrecisionPolicy does it when sharding)."""
+        dtype = self.cfg.training.mixed_precision_param or ("bfloat16" if self.device.type == "cuda" else "float32")
+        if dtype == "float32" or self.parallel_dims.fsdp_enabled:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=getattr(torch, dtype))
+
+    def loss_context(self):
+        """With TP loss_parallel the logits are vocab-sharded DTensors: the cross-entropy and its
+        backward must both run inside ``loss_parallel()``."""
+        if self.parallel_dims.tp_enabled and self.cfg.parallelism.loss_parallel:
+            return loss_parallel()
+        return contextlib.nullcontext()
+
+    def set_gradient_sync(self, enabled: bool) -> None:
+        """FSDP: reduce-scatter only on the last microbatch (gradients accumulate unsharded)."""
+        if isinstance(self.model, FSDPModule):
+            self.model.set_requires_gradient_sync(enabled)
 
     def build_checkpointer(self) -> CheckpointManager:
         config_path = dump_config(self.cfg, self.cfg.job.dump_folder) if self.rank == 0 else None
         states = {
-            "model": ModelState(self.model),
-            "optimizer": OptimizerState(self.model, self.optimizer),
+            "model": ModelState(self.model_parts),
+            "optimizer": OptimizerState(self.model_parts, self.optimizer),
             "lr_scheduler": self.lr_scheduler,
             "dataloader": BlobState(self.dataloader),
             "train_state": self.train_state,
         }
         config_toml = config_path.read_text() if config_path else ""
+        if self.cfg.job.print_config and config_toml:
+            logger.info(f"resolved config ({config_path}):\n{config_toml}")
         return CheckpointManager(self.cfg.checkpoint, self.cfg.job.dump_folder, states, config_toml)
 
     # ---- the loop ----------------------------------------------------------------
@@ -187,14 +261,12 @@ class Trainer:
         t0 = time.perf_counter()
         batch = next(data_iter)  # this rank's rows of the global batch: [G/dp, seq_len + 1]
         self.metrics.counters.data_seconds += time.perf_counter() - t0
-        loss_sum = torch.zeros((), device=self.device)
-        for micro in batch.split(self.local_bs):
-            micro = micro.to(self.device, non_blocking=True)
-            inputs, labels = micro[:, :-1], micro[:, 1:]
-            loss = self.loss_fn(self.model(inputs), labels) / self.accum_steps
-            loss.backward()
-            loss_sum += loss.detach()
-        grad_norm = clip_grad_norm_(self.model.parameters(), self.cfg.training.max_norm)
+        if self.pipeline is not None:
+            loss_sum = self.pipeline_forward_backward(batch)
+        else:
+            loss_sum = self.forward_backward(batch)
+        pp_group = self.parallel_dims.submesh("pp").get_group() if self.pipeline is not None else None
+        grad_norm = clip_grad_norm_(self.parameters(), self.cfg.training.max_norm, pp_group=pp_group)
         not_finite, stopping = self._step_flags(loss_sum, grad_norm, stop_requested)
         if not not_finite:
             self.optimizer.step()
@@ -206,6 +278,43 @@ class Trainer:
         self.metrics.counters.tokens += batch.numel() - batch.shape[0]
         self.metrics.counters.steps += 1
         return loss_sum, grad_norm, stopping
+
+    def forward_backward(self, batch: torch.Tensor) -> torch.Tensor:
+        """Forward and backward over this rank's rows, local_bs at a time; returns their mean loss."""
+        loss_sum = torch.zeros((), device=self.device)
+        micros = batch.split(self.local_bs)
+        for i, micro in enumerate(micros):
+            self.set_gradient_sync(i == len(micros) - 1)
+            micro = micro.to(self.device, non_blocking=True)
+            inputs, labels = micro[:, :-1], micro[:, 1:]
+            with self.autocast:
+                logits = self.model(inputs)
+            with self.loss_context():
+                loss = self.loss_fn(logits, labels) / self.accum_steps
+                del logits  # drop our reference before backward: autograd keeps only what it needs
+                loss.backward()
+            loss_sum += plain_loss(loss.detach())
+        return loss_sum
+
+    def pipeline_forward_backward(self, batch: torch.Tensor) -> torch.Tensor:
+        """The schedule runs once per local batch (n_microbatches each; more calls = gradient
+        accumulation). Returns the mean loss over this rank's rows on every pp rank."""
+        pipe = self.pipeline
+        loss_sum = torch.zeros((), device=self.device)
+        for chunk in batch.split(self.local_bs):
+            chunk = chunk.to(self.device, non_blocking=True)
+            inputs, labels = chunk[:, :-1], chunk[:, 1:]
+            args = (inputs,) if pipe.has_first_stage else ()
+            target = labels if pipe.has_last_stage else None
+            losses = []  # scaled microbatch losses; the schedule fills it on the last stage only
+            # loss_context wraps the whole step: loss and backward both run inside the schedule.
+            with self.autocast, self.loss_context():
+                pipe.schedule.step(*args, target=target, losses=losses, return_outputs=False)
+            if losses:
+                loss_sum += torch.stack(losses).sum().detach()
+        # Only the last stage has the loss: a sum over pp (others add 0) gives it to every rank.
+        torch.distributed.all_reduce(loss_sum, group=self.parallel_dims.submesh("pp").get_group())
+        return loss_sum
 
     @staticmethod
     def loss_fn(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:

@@ -45,20 +45,54 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             self.state_dict[fqn] = obj
 
 
+def _as_parts(model: torch.nn.Module | list[torch.nn.Module]) -> list[torch.nn.Module]:
+    return list(model) if isinstance(model, (list, tuple)) else [model]
+
+
 class ModelState(Stateful):
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
+    """The model, or the pipeline stage parts this rank holds, as one state dict.
+
+    Stage parts keep the full model's FQNs (other layers are deleted, not renumbered), so
+    the merged dict has the same keys whatever the pipeline layout: checkpoints reload on
+    any layout.
+    """
+
+    def __init__(self, model: torch.nn.Module | list[torch.nn.Module]):
+        self.parts = _as_parts(model)
 
     def state_dict(self):
-        return get_model_state_dict(self.model)
+        merged = {}
+        for part in self.parts:
+            merged.update(get_model_state_dict(part))
+        return merged
 
     def load_state_dict(self, sd):
-        set_model_state_dict(self.model, sd, options=StateDictOptions(strict=True))
+        for part in self.parts:
+            own = {k: sd[k] for k in get_model_state_dict(part)}
+            set_model_state_dict(part, own, options=StateDictOptions(strict=True))
+
+
+class _PartsView(torch.nn.Module):
+    """One module over several stage parts with the full model's FQNs (no copies: the same
+    submodules). DCP's optimizer state dict needs one module owning every optimized parameter."""
+
+    def __init__(self, parts: list[torch.nn.Module]):
+        super().__init__()
+        for part in parts:
+            for name, child in part.named_children():
+                if isinstance(child, torch.nn.ModuleDict):  # "layers": merge the parts' blocks
+                    if name not in self._modules:
+                        self.add_module(name, torch.nn.ModuleDict())
+                    self._modules[name].update(child)
+                else:
+                    self.add_module(name, child)
 
 
 class OptimizerState(Stateful):
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
-        self.model, self.optimizer = model, optimizer
+    def __init__(self, model: torch.nn.Module | list[torch.nn.Module], optimizer: torch.optim.Optimizer):
+        parts = _as_parts(model)
+        self.model = parts[0] if len(parts) == 1 else _PartsView(parts)
+        self.optimizer = optimizer
 
     def state_dict(self):
         return get_optimizer_state_dict(self.model, self.optimizer)

@@ -54,7 +54,10 @@ class Data:
     )
     weights: list[float] = opt([], "Mixture weights, one per dataset (empty = equal)")
     text_field: str = opt("text", "Field holding the document text in json/parquet/HF records")
-    mixture_seed: int = opt(0, "Seed of the mixture's source choice (deterministic, resumable)")
+    seed: int = opt(0, "Seed of the mixture's source choice and of the window shuffle (resumable)")
+    shuffle_windows: int = opt(
+        0, "Shuffle packed sequences through a pool of this many (0 = stream order); mixes documents in a batch"
+    )
     val_fraction: float = opt(0.01, "Fraction of the stdlib corpus held out as the validation split")
     num_workers: int = opt(0, "DataLoader worker processes (0 = tokenize in the training process)")
     pin_memory: bool = opt(True, "Pin host batches for faster copies to CUDA (ignored on CPU)")
@@ -108,6 +111,9 @@ class Training:
         "", "FSDP param dtype: bfloat16 | float32 (empty = bfloat16 on CUDA, float32 on CPU)"
     )
     mixed_precision_reduce: str = opt("float32", "FSDP gradient reduce dtype")
+    enable_cpu_offload: bool = opt(
+        False, "FSDP: keep sharded params, grads and optimizer state in host memory (CUDA only)"
+    )
     max_seconds: float = opt(0.0, "Stop (with a checkpoint if enabled) after this wall time, 0 = no limit")
 
 
@@ -123,6 +129,11 @@ class Parallelism:
     pp_split_points: list[str] = opt([], "Module names where stages begin, e.g. layers.4 (empty = even split)")
     cp_rotate_method: str = opt("allgather", "CP K/V exchange: allgather | alltoall")
     loss_parallel: bool = opt(True, "With TP: compute the loss on vocab-sharded logits")
+    fsdp_reshard_after_forward: str = opt(
+        "default",
+        "FSDP: free gathered params after forward: default (yes, except the last block; no with PP) | "
+        "always | never (more memory, no re-gather in backward)",
+    )
 
 
 @dataclass

@@ -98,7 +98,8 @@ def stream_fingerprint(data_cfg, tokenizer, seq_len: int, global_batch_size: int
         "global_batch_size": global_batch_size,
         "datasets": list(data_cfg.datasets),
         "weights": resolve_weights(data_cfg),  # normalized: [] and [1, 1] are the same stream
-        "mixture_seed": data_cfg.mixture_seed,
+        "seed": data_cfg.seed,
+        "shuffle_windows": data_cfg.shuffle_windows,
         "text_field": data_cfg.text_field,
         "val_fraction": data_cfg.val_fraction,
         "tokenizer_n_words": tokenizer.n_words,
@@ -126,7 +127,10 @@ def build_dataloader(
             f"training.global_batch_size ({global_batch_size}) must be divisible by the "
             f"data-parallel degree ({dp_degree})"
         )
-    dataset = PackedDataset(build_source(data_cfg, split), tokenizer, seq_len, global_batch_size)
+    dataset = PackedDataset(
+        build_source(data_cfg, split), tokenizer, seq_len, global_batch_size,
+        shuffle_windows=data_cfg.shuffle_windows, seed=data_cfg.seed,
+    )
     workers = data_cfg.num_workers
     loader = StatefulDataLoader(
         dataset,

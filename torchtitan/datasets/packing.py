@@ -5,11 +5,17 @@ the buffer is cut into consecutive, non-overlapping windows of ``seq_len + 1``
 tokens (the trainer uses ``x[:-1]`` as input and ``x[1:]`` as labels), so no
 token is padding and documents may span windows.
 
+With ``shuffle_windows = K > 0`` each window goes through a pool of K windows from
+which a seeded RNG draws the next one, so a batch mixes many documents instead of
+consecutive pieces of one (the pool and the RNG are part of the state).
+
 The stream of windows is the same on every rank and for every number of
 DataLoader workers: worker ``w`` of ``W`` keeps the windows of global batches
 ``b`` with ``b % W == w`` and skips the others, and StatefulDataLoader takes
 batches from workers round-robin, which restores the global order.
 """
+
+import random
 
 import torch
 from torch.distributed.checkpoint.stateful import Stateful
@@ -57,7 +63,8 @@ class PackedDataset(IterableDataset, Stateful):
     cut so far; loading it continues at exactly the next window.
     """
 
-    def __init__(self, source, tokenizer, seq_len: int, global_batch_size: int = 1):
+    def __init__(self, source, tokenizer, seq_len: int, global_batch_size: int = 1,
+                 shuffle_windows: int = 0, seed: int = 0):
         if seq_len < 1 or global_batch_size < 1:
             raise ValueError(f"seq_len ({seq_len}) and global_batch_size ({global_batch_size}) must be >= 1")
         self.source = source
@@ -68,6 +75,9 @@ class PackedDataset(IterableDataset, Stateful):
         # documents, but one long document can leave many windows' worth here.
         self._buffer: list[int] = []
         self._windows_cut = 0  # windows cut from the global stream, kept or skipped
+        self.shuffle_windows = shuffle_windows
+        self._pool: list[list[int]] = []
+        self._rng = random.Random(seed)
 
     def _fill(self, documents, counter: _EpochTokenCounter, window: int) -> None:
         while len(self._buffer) < window:
@@ -84,22 +94,39 @@ class PackedDataset(IterableDataset, Stateful):
             # Every worker tokenizes the whole stream, because where windows fall depends on
             # every document's length. Workers thus overlap tokenization with training but
             # do not divide it; tokenization is cheap next to a training step.
-            self._fill(documents, counter, window)
-            ids = self._buffer[:window]
-            del self._buffer[:window]
+            ids = self._next_window(documents, counter, window)
             batch_index = self._windows_cut // self.global_batch_size
             self._windows_cut += 1  # state is updated before yielding: exact resume
             if batch_index % num_workers == worker_id:
                 yield torch.tensor(ids, dtype=torch.long)
+
+    def _next_window(self, documents, counter: _EpochTokenCounter, window: int) -> list[int]:
+        while True:
+            self._fill(documents, counter, window)
+            ids = self._buffer[:window]
+            del self._buffer[:window]
+            if not self.shuffle_windows:
+                return ids
+            self._pool.append(ids)
+            if len(self._pool) >= self.shuffle_windows:
+                # Swap-remove a random entry: O(1), and the draw depends only on the RNG state.
+                i = self._rng.randrange(len(self._pool))
+                self._pool[i], self._pool[-1] = self._pool[-1], self._pool[i]
+                return self._pool.pop()
 
     def state_dict(self) -> dict:
         return {
             "source": self.source.state_dict(),
             "buffer": list(self._buffer),  # a list, not a tensor: its length varies
             "windows_cut": self._windows_cut,
+            "pool": [list(w) for w in self._pool],
+            "rng": self._rng.getstate(),
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.source.load_state_dict(state_dict["source"])
         self._buffer = list(state_dict["buffer"])
         self._windows_cut = state_dict["windows_cut"]
+        self._pool = [list(w) for w in state_dict["pool"]]
+        version, internal, gauss = state_dict["rng"]
+        self._rng.setstate((version, tuple(internal), gauss))

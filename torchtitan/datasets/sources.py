@@ -275,4 +275,4 @@ def build_source(data_cfg, split: str = "train"):
     sources = [_build_one(spec, data_cfg, split) for spec in data_cfg.datasets]
     if len(sources) == 1:
         return sources[0]
-    return MixtureSource(sources, weights, data_cfg.mixture_seed)
+    return MixtureSource(sources, weights, data_cfg.seed)
