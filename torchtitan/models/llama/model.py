@@ -143,6 +143,13 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
 
+class CausalSDPA(nn.Module):
+    """Causal scaled-dot-product attention; a module so a parallel plan can swap it (context parallel)."""
+
+    def forward(self, q_BHTE: torch.Tensor, k_BHTE: torch.Tensor, v_BHTE: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q_BHTE, k_BHTE, v_BHTE, is_causal=True)
+
+
 class Attention(nn.Module):
     """Causal grouped-query attention with RoPE on q and k."""
 
@@ -155,6 +162,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.sdpa = CausalSDPA()
 
     def init_weights(self, init_std: float):
         for linear in (self.wq, self.wk, self.wv):
@@ -173,9 +181,7 @@ class Attention(nn.Module):
         n_rep = self.n_heads // self.n_kv_heads
         k_BTHE = k_BTKE.repeat_interleave(n_rep, dim=2)
         v_BTHE = v_BTKE.repeat_interleave(n_rep, dim=2)
-        out_BHTE = F.scaled_dot_product_attention(
-            q_BTHE.transpose(1, 2), k_BTHE.transpose(1, 2), v_BTHE.transpose(1, 2), is_causal=True
-        )
+        out_BHTE = self.sdpa(q_BTHE.transpose(1, 2), k_BTHE.transpose(1, 2), v_BTHE.transpose(1, 2))
         return self.wo(out_BHTE.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -1,0 +1,89 @@
+"""Context parallelism: the sequence is split across ``cp`` ranks.
+
+Load balancing: the sequence is cut into ``2 x cp`` chunks and rank ``r`` holds chunks
+``r`` and ``2cp - 1 - r`` (a head and a tail), so under the causal mask every rank does
+the same attention work. Each rank keeps the RoPE rows of its own positions, so the
+rotation of its tokens is the one they would get in the full sequence.
+
+Two attention back-ends:
+
+* ``AllGatherCPAttention`` (any device, gloo included): each rank all-gathers K and V
+  with autograd-aware functional collectives (the backward is a reduce-scatter of their
+  gradients), restores the global chunk order and attends with a mask built from the
+  true positions of its queries. Memory for K/V grows with the full sequence, compute
+  stays balanced. torch's own ``context_parallel`` has no CPU kernel rules, so this is
+  what makes CP run (and be tested) on CPU.
+* On CUDA, torch's ``context_parallel`` (ring attention, ``cp_rotate_method``
+  allgather | alltoall).
+"""
+
+import torch
+import torch.distributed._functional_collectives as funcol
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributed.device_mesh import DeviceMesh
+
+
+def chunk_order(cp: int) -> list[list[int]]:
+    """For each rank, the two global chunk indices it holds (out of 2 x cp)."""
+    return [[r, 2 * cp - 1 - r] for r in range(cp)]
+
+
+def local_positions(seq_len: int, cp: int, rank: int, device=None) -> torch.Tensor:
+    """Global positions of this rank's tokens, in local order: [seq_len // cp]."""
+    if seq_len % (2 * cp):
+        raise ValueError(
+            f"training.seq_len={seq_len} must be divisible by 2 x cp = {2 * cp} for load-balanced "
+            f"context parallelism; pick a multiple of {2 * cp}"
+        )
+    chunk = seq_len // (2 * cp)
+    return torch.cat([torch.arange(c * chunk, (c + 1) * chunk, device=device) for c in chunk_order(cp)[rank]])
+
+
+def shard_sequence(x_BT: torch.Tensor, cp: int, rank: int, seq_dim: int = 1) -> torch.Tensor:
+    """This rank's load-balanced slice of a tensor along its sequence dim."""
+    chunks = x_BT.chunk(2 * cp, dim=seq_dim)
+    return torch.cat([chunks[c] for c in chunk_order(cp)[rank]], dim=seq_dim)
+
+
+def _global_order_index(cp: int) -> list[int]:
+    """Position, in the all-gathered (rank-major) chunk list, of global chunk 0, 1, ..."""
+    gathered = [c for pair in chunk_order(cp) for c in pair]
+    return [gathered.index(c) for c in range(2 * cp)]
+
+
+class AllGatherCPAttention(nn.Module):
+    """Causal attention of local queries over all-gathered keys and values (see module doc)."""
+
+    def __init__(self, cp_mesh: DeviceMesh, seq_len: int):
+        super().__init__()
+        self.cp_mesh = cp_mesh
+        self.cp = cp_mesh.size()
+        self.rank = cp_mesh.get_local_rank()
+        self.seq_len = seq_len
+        self.order = _global_order_index(self.cp)
+        q_pos = local_positions(seq_len, self.cp, self.rank)
+        # True = may attend: key position <= query position. [T_local, T]
+        self.register_buffer("mask", torch.arange(seq_len)[None, :] <= q_pos[:, None], persistent=False)
+
+    def _gather_global(self, x_BHTE: torch.Tensor) -> torch.Tensor:
+        gathered = funcol.all_gather_tensor_autograd(x_BHTE.contiguous(), gather_dim=2, group=self.cp_mesh)
+        chunks = gathered.chunk(2 * self.cp, dim=2)
+        return torch.cat([chunks[i] for i in self.order], dim=2)
+
+    def forward(self, q_BHTE: torch.Tensor, k_BHTE: torch.Tensor, v_BHTE: torch.Tensor) -> torch.Tensor:
+        k_full, v_full = self._gather_global(k_BHTE), self._gather_global(v_BHTE)
+        mask = self.mask.to(q_BHTE.device)
+        return F.scaled_dot_product_attention(q_BHTE, k_full, v_full, attn_mask=mask)
+
+
+def apply_cp(model: nn.Module, cp_mesh: DeviceMesh, seq_len: int) -> None:
+    """Swap each block's attention for the all-gather CP attention (before FSDP wraps the blocks)."""
+    for block in model.layers.values():
+        block.attention.sdpa = AllGatherCPAttention(cp_mesh, seq_len)
+
+
+def shard_rope_buffer(model: nn.Module, cp: int, rank: int, seq_len: int) -> None:
+    """Keep only this rank's RoPE rows (after init_weights computed the full table)."""
+    pos = local_positions(seq_len, cp, rank, device=model.freqs_cis.device)
+    model.freqs_cis = model.freqs_cis[:seq_len].index_select(0, pos).contiguous()
