@@ -54,7 +54,7 @@ def _arm_nan(step: int) -> None:
 
     def step_with_nan(self, *a, **kw):
         loss_fn = self.loss_fn
-        if self.train_state.step + 1 == step:
+        if self.train_state.step == step:  # the loop has already counted this step
             self.loss_fn = lambda logits, labels: loss_fn(logits, labels) * float("nan")
         try:
             return original(self, *a, **kw)

@@ -38,12 +38,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(nproc: int, args: list[str], timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
-    """``torchrun --nproc_per_node nproc train.py args`` on localhost; one thread per rank."""
+def torchrun(nproc: int, args: list[str], timeout: int = 600, check: bool = True,
+             hooks: list[str] = ()) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node nproc train.py args`` on localhost; one thread per rank.
+
+    ``hooks`` (e.g. ["--sigterm-at-step", "5"]) run the script through tests/_train_runner.py.
+    """
+    script = [str(REPO / "tests" / "_train_runner.py"), *hooks, "--"] if hooks else [str(REPO / "train.py")]
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
         "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{_free_port()}",
-        str(REPO / "train.py"), *args,
+        *script, *args,
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)

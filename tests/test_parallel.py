@@ -32,8 +32,7 @@ def reference(tmp_path_factory, cache_dir) -> dict[int, float]:
     """The single-process run every layout is compared with (computed once per module)."""
     from torchtitan.components.tokenizer import build_tokenizer
 
-    # Build the tokenizer first: a run that trains it on the fly sees different batches
-    # than one that loads it from the cache.
+    # Build the tokenizer once here, so the layouts' ranks never race to train it.
     build_tokenizer("", str(cache_dir))
     dump = tmp_path_factory.mktemp("ref")
     torchrun(1, tiny_overrides(dump, cache_dir, STEPS))
@@ -51,6 +50,8 @@ NO_LOSS_PARALLEL = ["--parallelism.loss_parallel", "false"]
 DDP = ["--parallelism.dp_replicate", "2", "--parallelism.dp_shard", "1"]
 HSDP = ["--parallelism.dp_replicate", "2", "--parallelism.dp_shard", "2"]
 COMPILE = ["--compile.enable"]
+CP = ["--parallelism.cp", "2"]
+PP = ["--parallelism.pp", "2"]
 ACCUM = ["--training.local_batch_size", "2"]  # 2 rows per forward, global 8 over dp 2: 2 microbatches
 
 
@@ -65,13 +66,18 @@ LAYOUTS = [
     pytest.param("tp+sp+loss_parallel+ac_full", 2, TP + AC("full"), id="tp+sp+loss_parallel+ac_full"),
     pytest.param("ddp", 2, DDP, id="ddp"),
     pytest.param("fsdp+compile", 2, COMPILE, id="fsdp+compile"),
+    pytest.param("hsdp_2x2", 4, HSDP, id="hsdp_2x2"),
+    pytest.param("fsdp2xtp2", 4, TP, id="fsdp2xtp2"),
+    pytest.param("cp", 2, CP, id="cp"),
+    pytest.param("fsdp+cp", 4, CP, id="fsdp+cp"),
+    pytest.param("tp+cp+ac_sel2", 4, TP + CP + ["--parallelism.dp_shard", "1"] + AC("selective", "2"),
+                 id="tp+cp+ac_sel2", marks=slow),
+    pytest.param("fsdp2xtp2xpp2", 8, TP + PP, id="fsdp2xtp2xpp2", marks=slow),
     pytest.param("fsdp", 2, [], id="fsdp", marks=slow),
     pytest.param("fsdp+accum", 2, ACCUM, id="fsdp+accum", marks=slow),
     pytest.param("tp_no_loss_parallel+ac_sel2", 2, TP + NO_LOSS_PARALLEL + AC("selective", "2"),
                  id="tp_no_loss_parallel+ac_sel2", marks=slow),
     pytest.param("tp+sp+compile", 2, TP + COMPILE, id="tp+sp+compile", marks=slow),
-    pytest.param("hsdp_2x2", 4, HSDP, id="hsdp_2x2", marks=slow),
-    pytest.param("fsdp2xtp2", 4, TP, id="fsdp2xtp2", marks=slow),
     pytest.param("fsdp2xtp2+compile+ac_op", 4, TP + COMPILE + AC("selective", "op"),
                  id="fsdp2xtp2+compile+ac_op", marks=slow),
 ]

@@ -29,6 +29,7 @@ from torchtitan.datasets.dataloader import build_dataloader
 from torchtitan.models.llama import Transformer, build_model_args, get_nparams_and_flops
 from torchtitan.models.llama.parallelize import parallelize_llama
 from torchtitan.parallelisms.init import init_model_weights
+from torchtitan.parallelisms.context_parallel import ContextParallel
 from torchtitan.parallelisms.parallel_dims import ParallelDims
 from torchtitan.parallelisms.pipeline_llama import Pipeline, pipeline_llama
 from torchtitan.parallelisms.utils import (
@@ -106,6 +107,7 @@ class Trainer:
             cfg.data, self.tokenizer, cfg.training.seq_len, cfg.training.global_batch_size,
             self.parallel_dims.dp_rank, self.parallel_dims.dp, device_type=self.device.type,
         )
+        self.cp = self.build_context_parallel()
         self.pipeline: Pipeline | None = None
         if self.parallel_dims.pp_enabled:
             self.pipeline, self.flops_per_token = self.build_pipeline()
@@ -134,6 +136,15 @@ class Trainer:
         dims.build_mesh(self.device.type)
         return dims
 
+    def build_context_parallel(self) -> ContextParallel | None:
+        if not self.parallel_dims.cp_enabled:
+            return None
+        p = self.cfg.parallelism
+        return ContextParallel(
+            self.parallel_dims.submesh("cp"), self.cfg.training.seq_len, p.cp_backend, p.cp_rotate_method,
+            self.device.type,
+        )
+
     def build_model(self) -> tuple[torch.nn.Module, float]:
         model, flops_per_token = self.build_meta_model()
         return self.parallelize_and_init(model), flops_per_token
@@ -156,6 +167,8 @@ class Trainer:
     def parallelize_and_init(self, model: torch.nn.Module) -> torch.nn.Module:
         """Meta model (or pipeline stage part) -> parallelized, materialized, seeded init."""
         cfg, args = self.cfg, model.model_args
+        if self.cp is not None:  # swaps attention modules: before FSDP wraps the blocks
+            self.cp.prepare_model(model)
         model = parallelize_llama(
             model, self.parallel_dims, cfg.activation_checkpoint, cfg.compile,
             parallelism=cfg.parallelism, training=cfg.training, experimental=cfg.experimental,
@@ -165,6 +178,8 @@ class Trainer:
         model.to_empty(device="cpu" if offload else self.device)
         # The same seed gives the same weights however the model is laid out (see init.py).
         init_model_weights(model, args, cfg.training.seed, self.device)
+        if self.cp is not None:
+            self.cp.after_init(model)  # keep the RoPE rows of this rank's positions
         model.train()
         return model
 
@@ -286,13 +301,14 @@ class Trainer:
         for i, micro in enumerate(micros):
             self.set_gradient_sync(i == len(micros) - 1)
             micro = micro.to(self.device, non_blocking=True)
-            inputs, labels = micro[:, :-1], micro[:, 1:]
-            with self.autocast:
-                logits = self.model(inputs)
-            with self.loss_context():
-                loss = self.loss_fn(logits, labels) / self.accum_steps
-                del logits  # drop our reference before backward: autograd keeps only what it needs
-                loss.backward()
+            inputs, labels, cp_context = self.context_parallel_split(micro)
+            with cp_context:
+                with self.autocast:
+                    logits = self.model(inputs)
+                with self.loss_context():
+                    loss = self.loss_fn(logits, labels) / self.accum_steps
+                    del logits  # drop our reference before backward: autograd keeps only what it needs
+                    loss.backward()
             loss_sum += plain_loss(loss.detach())
         return loss_sum
 
@@ -303,18 +319,25 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         for chunk in batch.split(self.local_bs):
             chunk = chunk.to(self.device, non_blocking=True)
-            inputs, labels = chunk[:, :-1], chunk[:, 1:]
+            inputs, labels, cp_context = self.context_parallel_split(chunk)
             args = (inputs,) if pipe.has_first_stage else ()
             target = labels if pipe.has_last_stage else None
             losses = []  # scaled microbatch losses; the schedule fills it on the last stage only
             # loss_context wraps the whole step: loss and backward both run inside the schedule.
-            with self.autocast, self.loss_context():
+            with cp_context, self.autocast, self.loss_context():
                 pipe.schedule.step(*args, target=target, losses=losses, return_outputs=False)
-            if losses:
-                loss_sum += torch.stack(losses).sum().detach()
+            for loss in losses:
+                loss_sum += plain_loss(loss.detach())
         # Only the last stage has the loss: a sum over pp (others add 0) gives it to every rank.
         torch.distributed.all_reduce(loss_sum, group=self.parallel_dims.submesh("pp").get_group())
         return loss_sum
+
+    def context_parallel_split(self, rows: torch.Tensor):
+        """(inputs, labels, context) of [B, seq_len + 1] rows: with CP, this rank's share of the sequence."""
+        inputs, labels = rows[:, :-1], rows[:, 1:]
+        if self.cp is None:
+            return inputs, labels, contextlib.nullcontext()
+        return self.cp.batch_context(self.model_parts, inputs.contiguous(), labels.contiguous())
 
     @staticmethod
     def loss_fn(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
@@ -342,7 +365,6 @@ class Trainer:
                 f"training.skip_nan_inf=true to skip such updates"
             )
         self.train_state.skipped_steps += 1
-        self.metrics.counters.skipped_steps += 1
         logger.warning(f"step {step}: non-finite loss or grad norm, update skipped")
 
     def log(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> float:
@@ -352,7 +374,10 @@ class Trainer:
         a few documents is noisy. Host syncs live here, on log steps only.
         """
         loss_avg = dist_reduce(loss, "mean")
-        record = self.metrics.log(step, loss_avg, grad_norm.item(), self.lr_scheduler.get_last_lr()[0])
+        record = self.metrics.log(
+            step, loss_avg, grad_norm.item(), self.lr_scheduler.get_last_lr()[0],
+            extra={"skipped_steps": self.train_state.skipped_steps, "tokens_seen": self.train_state.tokens_seen},
+        )
         return record["loss"]
 
     def close(self) -> None:

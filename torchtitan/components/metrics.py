@@ -93,7 +93,6 @@ class StepCounters:
 
     tokens: int = 0
     data_seconds: float = 0.0
-    skipped_steps: int = 0
     steps: int = 0
 
 
@@ -137,14 +136,13 @@ class MetricsLogger:
             "mfu": 100 * self.flops_per_token * tps / self.peak if self.peak else None,
             "data_loading_pct": 100 * c.data_seconds / elapsed,
             "step_time_s": elapsed / max(c.steps, 1),
-            "skipped_steps": c.skipped_steps,
             **self.memory.read(),
             **(extra or {}),
         }
         record["eta_s"] = record["step_time_s"] * (self.total_steps - step)
         if self.is_logging_rank:
             self._emit(record)
-        self.counters = StepCounters(skipped_steps=c.skipped_steps)
+        self.counters = StepCounters()
         self.memory.reset()
         self.window_start = time.perf_counter()
         return record
@@ -155,7 +153,7 @@ class MetricsLogger:
             f"step {r['step']:>6}  loss {r['loss']:8.4f}  grad_norm {r['grad_norm']:7.3f}  lr {r['lr']:.2e}  "
             f"tps {r['tps']:,.0f}  mfu {mfu}  mem {r['memory_gib']:.2f}GiB  "
             f"data {r['data_loading_pct']:.1f}%  eta {_fmt_seconds(r['eta_s'])}"
-            + (f"  skipped {r['skipped_steps']}" if r["skipped_steps"] else "")
+            + (f"  skipped {r['skipped_steps']}" if r.get("skipped_steps") else "")
         )
         self.jsonl.write(json.dumps(r) + "\n")
         self.jsonl.flush()

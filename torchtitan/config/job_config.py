@@ -125,9 +125,14 @@ class Parallelism:
     pp: int = opt(1, "Pipeline-parallel degree")
     cp: int = opt(1, "Context-parallel degree")
     pp_schedule: str = opt("1F1B", "Pipeline schedule name, or a CSV schedule file")
-    pp_microbatches: int = opt(0, "Pipeline microbatches per local batch (0 = pp degree)")
+    pp_microbatches: int = opt(
+        0, "Pipeline microbatches per local batch (0 = pp degree; multi-stage schedules: the stage count)"
+    )
     pp_split_points: list[str] = opt([], "Module names where stages begin, e.g. layers.4 (empty = even split)")
-    cp_rotate_method: str = opt("allgather", "CP K/V exchange: allgather | alltoall")
+    cp_rotate_method: str = opt("allgather", "torch CP backend's K/V rotation: allgather | alltoall")
+    cp_backend: str = opt(
+        "auto", "CP attention: allgather (ours, any device) | torch (ring attention, CUDA) | auto (torch on CUDA)"
+    )
     loss_parallel: bool = opt(True, "With TP: compute the loss on vocab-sharded logits")
     fsdp_reshard_after_forward: str = opt(
         "default",

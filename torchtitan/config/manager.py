@@ -49,6 +49,7 @@ _CHOICES = {
     "training.mixed_precision_param": ("", "bfloat16", "float32"),
     "float8.recipe_name": ("tensorwise", "rowwise"),
     "parallelism.cp_rotate_method": ("allgather", "alltoall"),
+    "parallelism.cp_backend": ("auto", "allgather", "torch"),
 }
 _POSITIVE = (
     "training.steps",

@@ -17,6 +17,8 @@ Two attention back-ends:
   allgather | alltoall).
 """
 
+import contextlib
+
 import torch
 import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
@@ -63,8 +65,9 @@ class AllGatherCPAttention(nn.Module):
         self.seq_len = seq_len
         self.order = _global_order_index(self.cp)
         q_pos = local_positions(seq_len, self.cp, self.rank)
-        # True = may attend: key position <= query position. [T_local, T]
-        self.register_buffer("mask", torch.arange(seq_len)[None, :] <= q_pos[:, None], persistent=False)
+        # True = may attend: key position <= query position. [T_local, T]. A plain attribute, not
+        # a buffer: the model is built on meta and to_empty would leave a buffer uninitialized.
+        self.mask = torch.arange(seq_len)[None, :] <= q_pos[:, None]
 
     def _gather_global(self, x_BHTE: torch.Tensor) -> torch.Tensor:
         gathered = funcol.all_gather_tensor_autograd(x_BHTE.contiguous(), gather_dim=2, group=self.cp_mesh)
@@ -73,8 +76,9 @@ class AllGatherCPAttention(nn.Module):
 
     def forward(self, q_BHTE: torch.Tensor, k_BHTE: torch.Tensor, v_BHTE: torch.Tensor) -> torch.Tensor:
         k_full, v_full = self._gather_global(k_BHTE), self._gather_global(v_BHTE)
-        mask = self.mask.to(q_BHTE.device)
-        return F.scaled_dot_product_attention(q_BHTE, k_full, v_full, attn_mask=mask)
+        if self.mask.device != q_BHTE.device:
+            self.mask = self.mask.to(q_BHTE.device)
+        return F.scaled_dot_product_attention(q_BHTE, k_full, v_full, attn_mask=self.mask)
 
 
 def apply_cp(model: nn.Module, cp_mesh: DeviceMesh, seq_len: int) -> None:
@@ -87,3 +91,55 @@ def shard_rope_buffer(model: nn.Module, cp: int, rank: int, seq_len: int) -> Non
     """Keep only this rank's RoPE rows (after init_weights computed the full table)."""
     pos = local_positions(seq_len, cp, rank, device=model.freqs_cis.device)
     model.freqs_cis = model.freqs_cis[:seq_len].index_select(0, pos).contiguous()
+
+
+class ContextParallel:
+    """What the trainer needs from CP: prepare the model, then shard every batch.
+
+    ``backend``: "allgather" (ours, any device) or "torch" (torch's ring attention,
+    CUDA only); "auto" picks torch's on CUDA and ours elsewhere.
+    """
+
+    def __init__(self, cp_mesh: DeviceMesh, seq_len: int, backend: str, rotate_method: str, device_type: str):
+        if backend == "auto":
+            backend = "torch" if device_type == "cuda" else "allgather"
+        if backend == "torch" and device_type != "cuda":
+            raise ValueError(
+                "parallelism.cp_backend='torch' needs CUDA: torch's context_parallel has no CPU attention "
+                "kernel rules. Use cp_backend='allgather' (or 'auto')"
+            )
+        if backend not in ("torch", "allgather"):
+            raise ValueError(f"parallelism.cp_backend {backend!r}: use auto, allgather or torch")
+        self.mesh, self.seq_len, self.backend, self.rotate_method = cp_mesh, seq_len, backend, rotate_method
+        self.cp, self.rank = cp_mesh.size(), cp_mesh.get_local_rank()
+        local_positions(seq_len, self.cp, 0)  # validates seq_len % (2 cp) now, not at the first step
+
+    def prepare_model(self, model: nn.Module) -> None:
+        if self.backend == "allgather":
+            apply_cp(model, self.mesh, self.seq_len)
+
+    def after_init(self, model: nn.Module) -> None:
+        if self.backend == "allgather":
+            shard_rope_buffer(model, self.cp, self.rank, self.seq_len)
+
+    def batch_context(self, model_parts: list[nn.Module], inputs_BT: torch.Tensor, labels_BT: torch.Tensor):
+        """(inputs, labels, context): this rank's share of the batch, and a context for fwd + bwd."""
+        if self.backend == "allgather":
+            shard = lambda x: shard_sequence(x, self.cp, self.rank)  # noqa: E731
+            return shard(inputs_BT), shard(labels_BT), contextlib.nullcontext()
+        return inputs_BT, labels_BT, self._torch_context(model_parts, inputs_BT, labels_BT)
+
+    def _torch_context(self, model_parts, inputs_BT, labels_BT):
+        # torch shards the listed buffers in place on entry (head-tail load balancing) and
+        # restores those not in no_restore_buffers on exit; SDPA calls inside become ring attention.
+        from torch.distributed.tensor.experimental import context_parallel
+        from torch.distributed.tensor.experimental._attention import set_rotate_method
+
+        set_rotate_method(self.rotate_method)
+        freqs = [m.freqs_cis for m in model_parts]
+        return context_parallel(
+            self.mesh,
+            buffers=[inputs_BT, labels_BT, *freqs],
+            buffer_seq_dims=[1, 1, *[0] * len(freqs)],
+            no_restore_buffers={inputs_BT, labels_BT},
+        )

@@ -16,6 +16,7 @@ from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
+    PrepareModuleOutput,
     RowwiseParallel,
     SequenceParallel,
     parallelize_module,
@@ -60,7 +61,7 @@ def parallelize_llama(
     if ac.mode != "none":
         apply_ac(model, ac)
     if compile.enable:
-        apply_compile(model, compile, sequence_parallel=parallel_dims.tp_enabled)
+        apply_compile(model, compile)
     if parallel_dims.fsdp_enabled:
         apply_fsdp(
             model, fsdp_mesh(parallel_dims), mp_policy(training, device_type),
@@ -95,9 +96,16 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, loss_parallel: bool) -> None
 
     Attention and the MLP get the full sequence (PrepareModuleInput all-gathers T), so RoPE
     slices freqs_cis[:T] exactly as on one device; wo / w2 reduce-scatter back to T/tp.
+
+    The residual stream between blocks stays a DTensor (Shard(1)): the embedding, wo and w2
+    keep ``use_local_output=False``. Why: with plain local tensors at the block boundary, a
+    per-block torch.compile (torch 2.13, CPU) fails in backward with "'Tensor' object has no
+    attribute '_local_tensor'": the graph's from_local/to_local at its edges hands a plain
+    gradient to DTensor's redistribute backward. DTensor in, DTensor out traces cleanly and
+    matches eager (tests/test_parallel.py, tp+sp+compile).
     """
     top_plan = {
-        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1), use_local_output=False),
         "norm": SequenceParallel(),
         "output": ColwiseParallel(
             input_layouts=Shard(1),
@@ -114,15 +122,23 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, loss_parallel: bool) -> None
         "attention.wq": ColwiseParallel(),
         "attention.wk": ColwiseParallel(),
         "attention.wv": ColwiseParallel(),
-        "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+        "attention.wo": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
         "ffn_norm": SequenceParallel(),
         "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
         "feed_forward.w1": ColwiseParallel(),
-        "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+        "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
         "feed_forward.w3": ColwiseParallel(),
     }
     for block in model.layers.values():
         parallelize_module(block, tp_mesh, block_plan)
+    # Pipeline stages send and receive plain [B, T/tp, D] tensors: convert at the stage's own
+    # edges (its root module, never compiled) from and to the Shard(1) DTensors blocks use.
+    if getattr(model, "tok_embeddings", None) is None:
+        parallelize_module(model, tp_mesh, PrepareModuleInput(
+            input_layouts=(Shard(1),), desired_input_layouts=(Shard(1),), use_local_output=False))
+    if getattr(model, "output", None) is None:
+        parallelize_module(model, tp_mesh, PrepareModuleOutput(
+            output_layouts=Shard(1), desired_output_layouts=Shard(1), use_local_output=True))
     logger.info(f"tensor parallel (sequence parallel, loss_parallel={loss_parallel}) over tp={tp_mesh.size()}")
 
 
@@ -210,8 +226,12 @@ def apply_ac(model: nn.Module, ac: ACConfig) -> None:
 # ---- compile ---------------------------------------------------------------------------
 
 
-def apply_compile(model: nn.Module, cfg: CompileConfig, sequence_parallel: bool = False) -> None:
-    """Compile each block on its own: same graph for every layer, so it compiles once."""
+def apply_compile(model: nn.Module, cfg: CompileConfig) -> None:
+    """Compile each block on its own: same graph for every layer, so it compiles once.
+
+    Under TP the blocks take and return Shard(1) DTensors (see apply_tp), which is what keeps
+    per-block compile working together with sequence parallel.
+    """
     for block in model.layers.children():
         block.compile(backend=cfg.backend, fullgraph=True)
     logger.info(f"compiled each transformer block with torch.compile (backend {cfg.backend})")
