@@ -5,6 +5,9 @@
 
 --kill-during-save: the process SIGKILLs itself after DCP has written the data files of
 the checkpoint for STEP but before it finished: what a crash or an OOM-killer does to a save.
+Works for every checkpoint.async_mode: with `async` the writer runs in a thread of this process;
+with `async_with_pinned_mem` it runs in DCP's checkpoint process (spawned: it re-imports this
+file as __mp_main__ and arms itself from the environment), which kills the trainer, then itself.
 --sigterm-at-step: SIGTERM arrives during step STEP - 1, so the run stops after STEP, as a
 preempted job would (the schedule still spans training.steps, unlike a shorter run).
 --nan-at-step: the loss of step STEP is NaN, as after a bad batch or an overflow.
@@ -18,15 +21,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+_KILL_ENV = "TORCHTITAN_TEST_KILL_DURING_SAVE"
+
+
 def _arm_kill(step: int) -> None:
     from torch.distributed.checkpoint import filesystem
 
+    os.environ[_KILL_ENV] = str(step)  # inherited by DCP's checkpoint process
     original = filesystem.FileSystemWriter.write_data
 
     def write_then_die(self, plan, planner):
         result = original(self, plan, planner)
-        if f"step-{step}" in str(self.fs.concat_path(self.path, "")):
+        if Path(str(self.path)).name == f"step-{step}.tmp":
             result.wait()
+            if __name__ == "__mp_main__":  # DCP's checkpoint process: the trainer dies first
+                os.kill(os.getppid(), signal.SIGKILL)
             os.kill(os.getpid(), signal.SIGKILL)
         return result
 
@@ -65,6 +74,9 @@ def _arm_nan(step: int) -> None:
 
 
 _HOOKS = {"--kill-during-save": _arm_kill, "--sigterm-at-step": _arm_sigterm, "--nan-at-step": _arm_nan}
+
+if __name__ == "__mp_main__" and os.environ.get(_KILL_ENV):
+    _arm_kill(int(os.environ[_KILL_ENV]))
 
 if __name__ == "__main__":
     args = sys.argv[1:]

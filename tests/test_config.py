@@ -255,3 +255,16 @@ def test_debug_model_values():
     assert (cfg.model.flavor, cfg.data.datasets, cfg.tokenizer.path) == ("debugmodel", ["stdlib"], "")
     assert (cfg.training.steps, cfg.training.seq_len, cfg.training.seed) == (200, 256, 42)
     assert (cfg.lr_scheduler.decay_type, cfg.lr_scheduler.warmup_steps) == ("cosine", 20)
+
+
+def test_readme_reference_lists_every_option():
+    """The README's option table is generated; a new option must be documented there too."""
+    import importlib.util
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("config_reference", repo / "scripts" / "config_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.reference() in (repo / "README.md").read_text(), (
+        "README.md's config reference is stale: run python scripts/config_reference.py --readme"
+    )

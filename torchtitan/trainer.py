@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
@@ -23,6 +24,7 @@ from torchtitan.components.checkpoint import BlobState, CheckpointManager, Model
 from torchtitan.components.metrics import MetricsLogger
 from torchtitan.components.optimizer import build_lr_scheduler, build_optimizer
 from torchtitan.components.tokenizer import build_tokenizer
+from torchtitan.components.weight_conversion import save_hf_checkpoint
 from torchtitan.config.job_config import JobConfig
 from torchtitan.config.manager import dump_config
 from torchtitan.datasets.dataloader import build_dataloader
@@ -234,12 +236,16 @@ class Trainer:
         config_toml = config_path.read_text() if config_path else ""
         if self.cfg.job.print_config and config_toml:
             logger.info(f"resolved config ({config_path}):\n{config_toml}")
-        return CheckpointManager(self.cfg.checkpoint, self.cfg.job.dump_folder, states, config_toml)
+        return CheckpointManager(self.cfg.checkpoint, self.cfg.job.dump_folder, states, config_toml,
+                                 timeout_s=self.cfg.comm.init_timeout_seconds)
 
     # ---- the loop ----------------------------------------------------------------
     def train(self) -> list[float]:
         """Train to ``training.steps``; returns the losses logged (for tests and notebooks)."""
         cfg = self.cfg.training
+        if self.cfg.checkpoint.create_seed_checkpoint:  # step-0 with the fresh weights, then exit
+            self.checkpointer.create_seed_checkpoint()
+            return []
         self.train_state.step = self.checkpointer.load()
         data_iter = iter(self.dataloader)
         stop = StopRequest(cfg.max_seconds)
@@ -264,12 +270,39 @@ class Trainer:
                 losses.append(self.log(step, torch.stack(window_losses).mean(), torch.stack(window_norms).max()))
                 window_losses, window_norms = [], []
             if self.checkpointer.should_save(step, cfg.steps) or (stopping and self.checkpointer.enabled):
-                self.checkpointer.save(step)
+                self.checkpointer.save(step, final=step == cfg.steps)
             if stopping:
                 logger.info(f"stop requested: stopped cleanly after step {step}")
                 break
+        self.checkpointer.close()  # an async save still in flight finishes before we return
+        if self.cfg.checkpoint.hf_export_folder and self.train_state.step >= cfg.steps:  # not on a stop
+            self.export_hf(self.cfg.checkpoint.hf_export_folder)
         self.metrics.close()
         return losses
+
+    def export_hf(self, folder: str) -> None:
+        """Write the trained model as a HF Llama folder (collective: every rank calls it, rank 0 writes).
+
+        FSDP/TP shards are gathered into full tensors; pipeline stages are gathered to rank 0
+        (only the first rank of each stage sends, the other ranks hold copies).
+        """
+        pp = self.parallel_dims.pp_enabled
+        # cpu_offload keeps full tensors on global rank 0 only: with PP each stage needs its own.
+        options = StateDictOptions(full_state_dict=True, cpu_offload=not pp)
+        sd = {}
+        for part in self.model_parts:
+            sd.update({k: v.cpu() for k, v in get_model_state_dict(part, options=options).items()})
+        if pp:
+            sends = all(self.parallel_dims.coordinate(dim) == 0 for dim in ("dp", "cp", "tp"))
+            parts = [None] * torch.distributed.get_world_size() if self.rank == 0 else None
+            torch.distributed.gather_object(sd if sends else {}, parts, dst=0)
+            sd = {k: v for part in parts for k, v in part.items()} if self.rank == 0 else {}
+        if self.rank == 0:
+            path = os.path.join(self.cfg.job.dump_folder, folder)  # an absolute `folder` wins
+            save_hf_checkpoint(sd, self.model_parts[0].model_args, path)
+            logger.info(f"exported the model in Hugging Face format to {path}")
+        if torch.distributed.get_world_size() > 1:
+            torch.distributed.barrier()
 
     def train_step(self, data_iter, stop_requested: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """One optimizer step over the global batch; also returns whether every rank must stop now."""
@@ -283,6 +316,7 @@ class Trainer:
         pp_group = self.parallel_dims.submesh("pp").get_group() if self.pipeline is not None else None
         grad_norm = clip_grad_norm_(self.parameters(), self.cfg.training.max_norm, pp_group=pp_group)
         not_finite, stopping = self._step_flags(loss_sum, grad_norm, stop_requested)
+        self.checkpointer.wait_for_staging()  # an async save may still be copying what step() mutates
         if not not_finite:
             self.optimizer.step()
         else:
@@ -381,4 +415,5 @@ class Trainer:
         return record["loss"]
 
     def close(self) -> None:
+        self.checkpointer.close()  # idempotent; also on the error path: finish the save in flight
         shutdown_distributed()

@@ -1,16 +1,42 @@
-"""Synchronous distributed checkpointing with DCP, never half-visible.
+"""Distributed checkpointing with DCP: never half-visible, optionally overlapped with training.
 
-A save goes to ``step-N.tmp`` and is renamed to ``step-N`` only after every rank has
-finished writing and DCP wrote ``.metadata``; a crash mid-save leaves a ``.tmp`` folder
-that resume ignores (with a warning), so the last complete checkpoint is what loads.
-Loading never unpickles without restriction: non-tensor values go through
-``torch.load(weights_only=True)``.
+Layout: ``<dump>/<folder>/step-N/`` (DCP files, ``.metadata``, ``config.toml``). A save goes to
+``step-N.tmp`` and is renamed to ``step-N`` only after every rank finished writing and DCP wrote
+``.metadata``; a crash mid-save leaves a ``.tmp`` folder that resume ignores (with a warning), so
+the last complete checkpoint is what loads. Loading never unpickles without restriction:
+non-tensor values go through ``torch.load(weights_only=True)``.
+
+``checkpoint.async_mode``:
+  - ``async``: the state is copied to CPU memory inside ``save`` (DCP's default stager), then a
+    thread writes it; training goes on meanwhile.
+  - ``async_with_pinned_mem``: DCP's ``DefaultStager`` copies the state into shared memory (pinned
+    too where CUDA exists) in a background thread while the next forward/backward runs, and a
+    separate checkpoint process (``AsyncCheckpointerType.PROCESS``) writes it. The trainer calls
+    ``wait_for_staging()`` before ``optimizer.step()``: the optimizer never mutates a tensor that
+    is still being copied.
+  Both write on a gloo group of their own: two DCP saves in flight on one gloo group abort, and
+  training collectives stay on the default group. One save at a time: a save still running when
+  the next is due is waited for.
+
+When an async save is published (``.tmp`` -> final): rank 0 alone renames, as soon as its own save
+completed. That is enough: rank 0 is DCP's coordinator, whose save returns only after it gathered
+every rank's write results and wrote ``.metadata``, so no barrier is needed. Rank 0 checks at every
+step (``wait_for_staging``); every rank waits for the save at the next save, at the end and at stop
+(``close``), so a failure surfaces on every rank and nothing is pending at exit.
+
+Model-only checkpoints (flat model FQNs, no ``train_state``): the seed checkpoint (step-0), the
+weights-only final save, and any checkpoint used as ``initial_load_path``. Loading one restores the
+model weights only.
 """
 
 import io
 import os
 import re
 import shutil
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
@@ -18,6 +44,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -31,6 +58,9 @@ from torchtitan.config.job_config import Checkpoint as CheckpointConfig
 from torchtitan.tools.logging import logger
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+ASYNC_MODES = ("disabled", "async", "async_with_pinned_mem")
+INTERVAL_TYPES = ("steps", "seconds")
+EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):
@@ -120,76 +150,269 @@ class BlobState(Stateful):
         self.inner.load_state_dict(torch.load(io.BytesIO(sd["blob"]), weights_only=True))
 
 
+@dataclass
+class _PendingSave:
+    """An async save in flight: published (renamed) once ``upload`` completed on rank 0."""
+
+    step: int
+    tmp: Path
+    upload: Future
+    staging: Future | None = None  # async_with_pinned_mem: done when the copy is complete
+    published: bool = False
+
+
 class CheckpointManager:
+    """Saves, publishes, prunes and loads checkpoints; see the module docstring."""
+
     def __init__(self, cfg: CheckpointConfig, dump_folder: str, states: dict[str, Stateful],
-                 config_toml: str = ""):
+                 config_toml: str = "", timeout_s: float = 300):
+        _validate(cfg, states)
         self.cfg = cfg
         self.folder = Path(dump_folder) / cfg.folder
         self.states = states
         self.config_toml = config_toml
         self.enabled = cfg.enable
         self.last_saved_step = -1
+        self._last_save_time = time.monotonic()
+        self._pending: _PendingSave | None = None
+        self._stager = None  # async_with_pinned_mem: reused, so its shared buffers are allocated once
+        self._group = None
+        if self.enabled and cfg.async_mode != "disabled" and dist.is_initialized():
+            # Every rank builds the manager with the same config: new_group is called in step.
+            self._group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
 
     # ---- saving ----------------------------------------------------------------
     def should_save(self, step: int, last_step: int) -> bool:
-        return self.enabled and step != self.last_saved_step and (
-            step % self.cfg.interval == 0 or step == last_step
-        )
+        if not self.enabled or step == self.last_saved_step:
+            return False
+        if step == last_step:
+            return True
+        if self.cfg.interval_type == "steps":
+            return step % self.cfg.interval == 0
+        return self._interval_elapsed()
 
-    def save(self, step: int) -> Path:
-        final = self.folder / f"step-{step}"
+    def _interval_elapsed(self) -> bool:
+        """Clocks differ across ranks, and all must save together: rank 0 decides, all follow.
+
+        The broadcast is on the default group, from the training thread: the checkpoint group may
+        have a save in flight, and two collectives at once on one gloo group abort.
+        """
+        due = torch.tensor([float(time.monotonic() - self._last_save_time >= self.cfg.interval)])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast(due, src=0)
+        return bool(due.item())
+
+    def save(self, step: int, final: bool = False) -> Path:
+        """Save ``step`` (the last step if ``final``); async modes return while it is written."""
+        self._finish_pending()  # one save at a time
+        tmp = self._prepare_tmp(step)
+        if final and self.cfg.model_weights_only:
+            dcp.save(self._model_only_state_dict(self.cfg.export_dtype), checkpoint_id=str(tmp),
+                     process_group=self._group)
+            self._publish_now(step, tmp)
+        elif self.cfg.async_mode == "disabled":
+            dcp.save(dict(self.states), checkpoint_id=str(tmp), process_group=self._group)
+            self._publish_now(step, tmp)
+        else:
+            self._pending = self._async_save(step, tmp)
+        self.last_saved_step = step
+        self._last_save_time = time.monotonic()
+        return self.folder / f"step-{step}"
+
+    def create_seed_checkpoint(self) -> Path:
+        """step-0 with the freshly initialized weights (model only, float32): every layout starting
+        from it has the same weights, whatever its init would have done."""
+        if _rank() == 0 and self.complete_steps():
+            raise ValueError(
+                f"checkpoint.create_seed_checkpoint: {self.folder} already has checkpoints "
+                f"{self.complete_steps()}; a seed checkpoint goes into an empty folder (a later one would win)"
+            )
+        tmp = self._prepare_tmp(0)
+        dcp.save(self._model_only_state_dict("float32"), checkpoint_id=str(tmp))
+        self._publish_now(0, tmp)
+        return self.folder / "step-0"
+
+    def _prepare_tmp(self, step: int) -> Path:
         tmp = self.folder / f"step-{step}.tmp"
-        rank0 = _rank() == 0
-        if rank0:
+        if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # debris of an earlier crashed save
             tmp.mkdir(parents=True)
         _barrier()
-        dcp.save(dict(self.states), checkpoint_id=str(tmp))
-        if rank0:
-            if self.config_toml:
-                (tmp / "config.toml").write_text(self.config_toml)
-            if final.exists():  # re-saving a step (e.g. after a resume): replace it whole
-                shutil.rmtree(final)
-            os.replace(tmp, final)  # atomic: the checkpoint appears complete or not at all
+        return tmp
+
+    def _model_only_state_dict(self, dtype: str) -> dict[str, torch.Tensor]:
+        """Flat model FQNs -> weights cast to ``dtype`` (DTensors stay sharded)."""
+        return {k: v.to(getattr(torch, dtype)) for k, v in self.states["model"].state_dict().items()}
+
+    def _async_save(self, step: int, tmp: Path) -> _PendingSave:
+        from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+        kwargs = dict(checkpoint_id=str(tmp), process_group=self._group)
+        if self.cfg.async_mode == "async":
+            # The default stager copies to CPU before async_save returns: training may step at once.
+            return _PendingSave(step, tmp, upload=dcp.async_save(dict(self.states), **kwargs))
+        if self._stager is None:
+            accelerated = torch.cuda.is_available()  # pinning and non-blocking copies need CUDA
+            self._stager = DefaultStager(StagingOptions(
+                use_pinned_memory=accelerated, use_shared_memory=True,
+                use_async_staging=True, use_non_blocking_copy=accelerated,
+            ))
+        response = dcp.async_save(dict(self.states), async_checkpointer_type=AsyncCheckpointerType.PROCESS,
+                                  async_stager=self._stager, **kwargs)
+        return _PendingSave(step, tmp, upload=response.upload_completion, staging=response.staging_completion)
+
+    def wait_for_staging(self) -> None:
+        """Call before ``optimizer.step()``: blocks until a pending save finished copying the state.
+
+        Also publishes a finished async save on rank 0 (see the module docstring), so a crash
+        later loses as little as possible.
+        """
+        pending = self._pending
+        if pending is None:
+            return
+        if pending.staging is not None:
+            pending.staging.result()
+            pending.staging = None
+        if _rank() == 0 and not pending.published and pending.upload.done() and pending.upload.exception() is None:
+            self._publish(pending.step, pending.tmp)
+            pending.published = True
+
+    def _finish_pending(self) -> None:
+        """Every rank waits for the save in flight; rank 0 publishes it if not done yet."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        try:
+            pending.upload.result()
+        except Exception as e:
+            raise RuntimeError(
+                f"async checkpoint save of step {pending.step} to {pending.tmp} failed: "
+                f"{type(e).__name__}: {_first_line(e)}"
+            ) from e
+        if _rank() == 0 and not pending.published:
+            self._publish(pending.step, pending.tmp)
+
+    def close(self) -> None:
+        """Finish the save in flight (end of training, stop, exit) and free the staging buffers."""
+        self._finish_pending()
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
+        _stop_checkpoint_process()
+
+    def _publish_now(self, step: int, tmp: Path) -> None:
+        """Synchronous saves: publish on rank 0, then every rank sees the final folder."""
+        if _rank() == 0:
+            self._publish(step, tmp)
         _barrier()
-        self.last_saved_step = step
+
+    def _publish(self, step: int, tmp: Path) -> None:
+        """Rank 0 only: rename the finished ``.tmp`` folder (atomic), then prune old checkpoints."""
+        final = self.folder / f"step-{step}"
+        if self.config_toml:
+            (tmp / "config.toml").write_text(self.config_toml)
+        if final.exists():  # re-saving a step (e.g. after a resume): replace it whole
+            shutil.rmtree(final)
+        os.replace(tmp, final)  # the checkpoint appears complete or not at all
         logger.info(f"saved checkpoint {final}")
-        return final
+        self._prune()
+
+    def _prune(self) -> None:
+        """Keep the newest ``keep_latest_k`` complete checkpoints; ``.tmp`` folders never count and
+        are never touched here (one may be the save in flight)."""
+        k = self.cfg.keep_latest_k
+        if k <= 0:
+            return
+        for step in self.complete_steps(warn=False)[:-k]:
+            shutil.rmtree(self.folder / f"step-{step}", ignore_errors=True)
+            logger.info(f"removed checkpoint step-{step} (checkpoint.keep_latest_k={k})")
 
     # ---- loading ---------------------------------------------------------------
     def load(self) -> int:
-        """Load the checkpoint chosen by ``load_step``; return its step (0 = nothing loaded)."""
-        if not self.enabled:
-            return 0
-        path = self._resolve_load_path()
-        if path is None:
-            return 0
-        logger.info(f"loading checkpoint {path}")
+        """Load this run's checkpoint (``load_step``, or the latest complete one), or else the weights
+        of ``initial_load_path``; return the step to continue from (0 = from scratch)."""
+        path = self._resolve_load_path() if self.enabled else None
+        if path is not None:
+            step = int(_STEP_DIR.match(path.name).group(1))
+            self.last_saved_step = step
+            self._last_save_time = time.monotonic()
+            return self._load_from(path, step)
+        if self.cfg.initial_load_path:
+            path = Path(self.cfg.initial_load_path)
+            if not (path / ".metadata").is_file():
+                raise ValueError(
+                    f"checkpoint.initial_load_path={path}: no .metadata there, so it is not a complete DCP "
+                    f"checkpoint (an unfinished save, or not a checkpoint folder); point it at a step-N folder"
+                )
+            logger.info(f"starting from the model weights of {path} (checkpoint.initial_load_path)")
+            self._load_model_only(path, self._read_metadata(path))
+        return 0
+
+    def _load_from(self, path: Path, step: int) -> int:
+        metadata = self._read_metadata(path)
+        if not _is_full(metadata):  # seed checkpoint or weights-only export
+            if "model" not in self.cfg.exclude_from_loading:
+                self._load_model_only(path, metadata)
+            if step > 0:
+                logger.warning(f"{path} holds model weights only: optimizer, data and lr schedule start fresh")
+            return step
+        model_sd = self.states["model"].state_dict()
+        _check_model_matches(path, metadata, model_sd, prefix="model.")
+        keys = [k for k in self.states if k not in self.cfg.exclude_from_loading]
+        logger.info(f"loading checkpoint {path} ({', '.join(keys)})")
+        self._dcp_load(path, {k: self.states[k] for k in keys})
+        # Without train_state the step count restarts (documented with exclude_from_loading).
+        return step if "train_state" in keys else 0
+
+    def _load_model_only(self, path: Path, metadata: Metadata) -> None:
+        """The model weights of a full or a model-only checkpoint; nothing else."""
+        model = self.states["model"]
+        model_sd = model.state_dict()
+        if _is_full(metadata):
+            _check_model_matches(path, metadata, model_sd, prefix="model.")
+            logger.info(f"loading checkpoint {path} (model)")
+            self._dcp_load(path, {"model": model})
+        else:
+            _check_model_matches(path, metadata, model_sd, prefix="")
+            logger.info(f"loading checkpoint {path} (model weights only)")
+            self._dcp_load(path, model_sd)  # in place, cast to the model's dtype
+            model.load_state_dict(model_sd)
+
+    def _read_metadata(self, path: Path) -> Metadata:
         try:
-            dcp.load(dict(self.states), checkpoint_id=str(path), planner=SafeLoadPlanner())
+            return dcp.FileSystemReader(str(path)).read_metadata()
+        except Exception as e:
+            raise ValueError(
+                f"could not read {path / '.metadata'}: {type(e).__name__}: {_first_line(e)}; the checkpoint "
+                f"is corrupted: choose another with checkpoint.load_step or move this one away"
+            ) from e
+
+    def _dcp_load(self, path: Path, state: dict) -> None:
+        try:
+            dcp.load(state, checkpoint_id=str(path), planner=SafeLoadPlanner())
         except Exception as e:  # DCP's errors are deep and long; say which checkpoint and why
             raise ValueError(
                 f"could not load checkpoint {path}: {type(e).__name__}: {_first_line(e)}. "
-                f"If the model or optimizer config changed since it was saved, restore it; otherwise "
-                f"choose another checkpoint with checkpoint.load_step or move this one away."
+                f"If the model or optimizer config changed since it was saved, restore it; if a file is "
+                f"truncated or missing, choose another checkpoint with checkpoint.load_step or move this one away."
             ) from e
-        step = int(_STEP_DIR.match(path.name).group(1))
-        self.last_saved_step = step
-        return step
 
     def _resolve_load_path(self) -> Path | None:
         complete = self.complete_steps()
         if self.cfg.load_step >= 0:
             path = self.folder / f"step-{self.cfg.load_step}"
             if self.cfg.load_step not in complete:
+                why = "has no .metadata (the save did not finish, or the folder is corrupted)" if path.is_dir() \
+                    else "does not exist"
                 raise ValueError(
-                    f"checkpoint.load_step={self.cfg.load_step}: no complete checkpoint at {path} "
+                    f"checkpoint.load_step={self.cfg.load_step}: {path} {why}; no complete checkpoint there "
                     f"(complete ones: {complete or 'none'}). Pick one of those or -1 for the latest."
                 )
             return path
         return self.folder / f"step-{complete[-1]}" if complete else None
 
-    def complete_steps(self) -> list[int]:
+    def complete_steps(self, warn: bool = True) -> list[int]:
         """Steps with a finished checkpoint; incomplete folders are reported and skipped."""
         if not self.folder.is_dir():
             return []
@@ -198,10 +421,77 @@ class CheckpointManager:
             m = _STEP_DIR.match(entry.name)
             if m and (entry / ".metadata").is_file():
                 steps.append(int(m.group(1)))
-            elif entry.name.endswith(".tmp") or m:
-                if _rank() == 0:
-                    logger.warning(f"skipping incomplete checkpoint {entry} (a save did not finish)")
+            elif (entry.name.endswith(".tmp") or m) and warn and _rank() == 0:
+                logger.warning(f"skipping incomplete checkpoint {entry} (a save did not finish)")
         return sorted(steps)
+
+
+def _validate(cfg: CheckpointConfig, states: dict[str, Stateful]) -> None:
+    for name, value, allowed in (("async_mode", cfg.async_mode, ASYNC_MODES),
+                                 ("interval_type", cfg.interval_type, INTERVAL_TYPES),
+                                 ("export_dtype", cfg.export_dtype, EXPORT_DTYPES)):
+        if value not in allowed:
+            raise ValueError(f"checkpoint.{name} must be one of {', '.join(allowed)}, got {value!r}")
+    if cfg.keep_latest_k < 0:
+        raise ValueError(f"checkpoint.keep_latest_k must be >= 0 (0 = keep all), got {cfg.keep_latest_k}")
+    unknown = [k for k in cfg.exclude_from_loading if k not in states]
+    if unknown:
+        raise ValueError(f"checkpoint.exclude_from_loading: unknown state keys {unknown}; valid: {sorted(states)}")
+    if cfg.create_seed_checkpoint and dist.is_initialized() and dist.get_world_size() > 1:
+        raise ValueError(
+            f"checkpoint.create_seed_checkpoint runs on 1 process (world size is {dist.get_world_size()}): "
+            f"create the seed with `python train.py ... --checkpoint.create_seed_checkpoint`, then start any layout"
+        )
+
+
+def _is_full(metadata: Metadata) -> bool:
+    """A resumable checkpoint has the train state; model-only ones have flat model FQNs."""
+    return any(k.startswith("train_state.") for k in metadata.state_dict_metadata)
+
+
+def _check_model_matches(path: Path, metadata: Metadata, model_sd: dict, prefix: str) -> None:
+    """Refuse a checkpoint whose model tensors differ from this model's, naming the first mismatch.
+
+    Read from ``.metadata`` before loading: DCP's own error would not say which tensor. Pipeline
+    stages hold different layers, so the model's name -> global shape map is gathered from every
+    rank (every rank then raises the same error).
+    """
+    ours = {k: list(v.shape) for k, v in model_sd.items()}
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, ours)
+        ours = {k: v for rank_map in every for k, v in rank_map.items()}
+    saved = {k[len(prefix):]: list(md.size) for k, md in metadata.state_dict_metadata.items()
+             if k.startswith(prefix) and isinstance(md, TensorStorageMetadata)}
+    problems = []
+    for k, shape in ours.items():
+        if k not in saved:
+            problems.append(f"{prefix}{k} {shape} is in the model but not in the checkpoint")
+        elif saved[k] != shape:
+            problems.append(f"{prefix}{k} has shape {saved[k]} in the checkpoint but {shape} in the model")
+    problems += [f"{prefix}{k} {shape} is in the checkpoint but not in the model"
+                 for k, shape in saved.items() if k not in ours]
+    if problems:
+        more = f" (and {len(problems) - 1} more mismatches)" if len(problems) > 1 else ""
+        raise ValueError(
+            f"checkpoint {path} does not match the model: {problems[0]}{more}. It was saved with another "
+            f"model config (model.flavor, model.n_layers, model.dim, vocab): restore that config or choose "
+            f"another checkpoint"
+        )
+
+
+def _stop_checkpoint_process() -> None:
+    """Ask DCP's checkpoint process (async_with_pinned_mem) to exit now, while the process group it
+    joined still exists, rather than being killed by the interpreter's exit handlers.
+    ``_CHECKPOINT_PROCESS`` is DCP-internal: tolerate its absence in other torch versions."""
+    try:
+        from torch.distributed.checkpoint import _async_process_executor as executor
+    except ImportError:
+        return
+    process = getattr(executor, "_CHECKPOINT_PROCESS", None)
+    if process is not None:
+        executor._CHECKPOINT_PROCESS = None
+        process.__del__()  # sends TERMINATE, joins (5 s), then terminates
 
 
 def _first_line(e: Exception) -> str:

@@ -145,8 +145,37 @@ class Parallelism:
 class Checkpoint:
     enable: bool = opt(False, "Save and resume checkpoints (DCP)")
     folder: str = opt("checkpoint", "Folder under the dump folder")
-    interval: int = opt(500, "Save every N steps (and at the last step)")
+    interval: int = opt(500, "Save every N steps or seconds (interval_type), and at the last step")
     load_step: int = opt(-1, "Step to resume from; -1 = the latest complete checkpoint")
+    interval_type: str = opt("steps", "Unit of checkpoint.interval: steps | seconds (rank 0's clock decides for all)")
+    async_mode: str = opt(
+        "disabled",
+        "disabled (save blocks training) | async (copy to CPU, then a thread writes with DCP on its own gloo "
+        "group) | async_with_pinned_mem (copy into shared/pinned memory in the background; a separate "
+        "process writes)",
+    )
+    keep_latest_k: int = opt(
+        0, "Keep only the newest k complete checkpoints (0 = keep all); unfinished saves never count"
+    )
+    model_weights_only: bool = opt(
+        False, "The final save (at training.steps) holds only the model weights, cast to export_dtype"
+    )
+    export_dtype: str = opt("float32", "dtype of the weights-only final save: float32 | bfloat16 | float16")
+    create_seed_checkpoint: bool = opt(
+        False, "Write step-0 with the freshly initialized weights and exit (1 process only); any layout can start from it"
+    )
+    exclude_from_loading: list[str] = opt(
+        [], "State keys not loaded on resume: model, optimizer, lr_scheduler, dataloader, train_state"
+    )
+    initial_load_path: str = opt(
+        "",
+        "DCP checkpoint folder whose model weights start a new run (no optimizer, data or step); used only "
+        "while this run's own folder has no complete checkpoint",
+    )
+    hf_export_folder: str = opt(
+        "", "After the last step, write the model as a Hugging Face Llama folder (safetensors + config.json, "
+        "fp32) here; relative paths are under the dump folder; empty = off"
+    )
 
 
 @dataclass

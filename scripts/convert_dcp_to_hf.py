@@ -1,0 +1,43 @@
+"""A DCP checkpoint of our model -> a Hugging Face Llama folder (LlamaForCausalLM.from_pretrained).
+
+    python scripts/convert_dcp_to_hf.py <dcp_dir> <output_hf_dir>
+        [--flavor NAME] [--dtype float32|bfloat16] [--max-shard-gb 5]
+
+<dcp_dir> is a training checkpoint (<dump>/checkpoint/step-N: only its "model" entry is read,
+not the optimizer) or a weights-only one from convert_{llama,hf}_to_dcp.py. The model args
+come from --flavor, else the checkpoint's model_args.json, else the config.toml a training
+run saves in each checkpoint; sizes are checked against the tensors. Writes model.safetensors
+(or shards + model.safetensors.index.json) and config.json; q/k rows are permuted to HF's
+rotate-half RoPE layout. No tokenizer files are written.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from torchtitan.components.weight_conversion import (  # noqa: E402
+    DTYPES,
+    dcp_model_args,
+    load_dcp_model_state,
+    save_hf_checkpoint,
+)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dcp_dir", type=Path, help="DCP checkpoint folder (training step-N or weights-only)")
+    p.add_argument("output_dir", type=Path, help="Hugging Face folder to write")
+    p.add_argument("--flavor", default="", help="model flavor; default: from model_args.json or config.toml")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype of the safetensors")
+    p.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors file before sharding")
+    a = p.parse_args(argv)
+    sd = load_dcp_model_state(a.dcp_dir)
+    args = dcp_model_args(a.dcp_dir, sd, a.flavor)
+    save_hf_checkpoint(sd, args, a.output_dir, DTYPES[a.dtype], int(a.max_shard_gb * 2**30))
+    print(f"wrote {a.output_dir} ({a.dtype}): {args}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,412 @@
+"""Per-device peak memory of a training config, estimated without allocating the model.
+
+How: a fake process group (world size = NGPU x NNODES, rank 0's view) and ``FakeTensorMode``;
+the model, optimizer and lr schedule are built by the Trainer's own methods (``build_model`` /
+``build_pipeline`` -> ``parallelize_llama`` -> ``to_empty`` -> ``init_model_weights``), then two
+real ``Trainer.train_step`` calls (forward + backward + clip + optimizer step) run on fake
+tensors with the configured local batch, accumulation and seq_len. Two steps, because the
+optimizer state only exists from the first ``optimizer.step()`` on: the second step is the
+steady state.
+
+Methods, named in the output:
+- ``FSDPMemTracker``: FSDP/HSDP layouts without TP/PP/CP (tracks sharded/unsharded params,
+  grads, optimizer state, activations and temporaries at the peak);
+- ``MemTracker``: one process, no parallelism;
+- ``analytic``: everything else (TP, PP, CP, DDP), or when a tracker fails. Parameter bytes
+  are still exact (summed over this rank's local shards of the model built by the Trainer);
+  activations come from a per-block formula (see ``analytic_activation_bytes``).
+
+Measuring a real run for comparison (``measure_real_peak``): ``torch.cuda.max_memory_allocated``
+on CUDA; on CPU, torch.profiler allocation events (``profile_memory=True``). The CPU allocator
+reports each allocation and free with the running total of bytes allocated since profiling
+started, so starting the profiler before the Trainer materializes the model gives the live
+tensor bytes of the run at every moment -- the same quantity the estimator tracks, without
+the Python/torch runtime that the process RSS adds (hundreds of MB).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+
+from torchtitan.components.optimizer import build_lr_scheduler, build_optimizer
+from torchtitan.components.tokenizer import build_tokenizer
+from torchtitan.config.job_config import JobConfig
+from torchtitan.parallelisms.utils import device_type
+from torchtitan.tools.logging import logger
+
+GIB = 1024**3
+STEPS = 2  # step 1 creates the optimizer state; step 2 is the steady state
+
+# Tracker reference types (FSDPMemTracker's and MemTracker's names) -> our categories.
+_CATEGORY_OF = {
+    "Sharded Param": "params", "Unsharded Param": "params", "Parameter": "params", "Buffer": "params",
+    "Sharded Grad": "grads", "Unsharded Grad": "grads", "Gradient": "grads",
+    "OptState": "optimizer", "Optstate": "optimizer",
+}  # fmt: skip
+# Everything else (Activation, Temp, All Gather, Reduce Scatter, Inputs, Other) -> activations.
+CATEGORIES = ("params", "grads", "optimizer", "activations")
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per device at the peak, by category (activations include backward temporaries
+    and FSDP all-gather / reduce-scatter buffers)."""
+
+    params: int
+    grads: int
+    optimizer: int
+    activations: int
+    total: int
+    method: str
+    world_size: int
+    layout: str
+    notes: list[str] = field(default_factory=list)
+
+    def table(self, title: str = "estimate") -> str:
+        rows = [f"{'':<12}{title:>12}"]
+        for name in (*CATEGORIES, "total"):
+            rows.append(f"{name:<12}{getattr(self, name) / GIB:>12.4f}")
+        head = f"per-device peak memory (GiB), method: {self.method}, world size {self.world_size}, {self.layout}"
+        return "\n".join([head, *rows, *(f"note: {n}" for n in self.notes)])
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def categorize(snapshot: dict[str, int], method: str, world_size: int, layout: str) -> MemoryEstimate:
+    """A tracker snapshot (reference type -> bytes, plus 'Total') as a MemoryEstimate."""
+    sums = dict.fromkeys(CATEGORIES, 0)
+    for ref, nbytes in snapshot.items():
+        if ref != "Total":
+            sums[_CATEGORY_OF.get(ref, "activations")] += nbytes
+    return MemoryEstimate(**sums, total=sum(sums.values()), method=method, world_size=world_size, layout=layout)
+
+
+# ---- building the trainer's pieces on a fake process group --------------------------------
+
+
+def init_fake_process_group(world_size: int) -> None:
+    """Rank 0 of a fake group: collectives are no-ops, so one process sees rank 0's shapes."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise RuntimeError("memory estimation needs its own (fake) process group; one is already initialized")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+
+
+def layout_of(dims) -> str:
+    return (f"dp_replicate={dims.dp_replicate} dp_shard={dims.dp_shard} cp={dims.cp} "
+            f"tp={dims.tp} pp={dims.pp}")  # fmt: skip
+
+
+def build_skeleton(cfg: JobConfig):
+    """A Trainer without data loader, checkpointer or model: the state the model build needs.
+
+    Built through the Trainer's own methods, so the layout is exactly the trainer's.
+    """
+    from torchtitan.trainer import Trainer, TrainState, batch_split
+
+    t = Trainer.__new__(Trainer)
+    t.cfg = cfg
+    t.device = torch.device("cuda", 0) if device_type() == "cuda" else torch.device("cpu")
+    t.parallel_dims = t.build_parallel_dims()
+    t.tokenizer = build_tokenizer(cfg.tokenizer.path, cfg.tokenizer.cache_dir)
+    t.local_bs, t.accum_steps = batch_split(
+        cfg.training.global_batch_size, cfg.training.local_batch_size, t.parallel_dims.dp
+    )
+    t.cp = t.build_context_parallel()
+    t.train_state = TrainState()
+    # train_step's bookkeeping, without the metrics logger (no files, no host syncs).
+    t.metrics = SimpleNamespace(counters=SimpleNamespace(data_seconds=0.0, tokens=0, steps=0))
+    return t
+
+
+def build_model_and_optimizer(t) -> None:
+    """Model (or pipeline stages), autocast, optimizer and lr schedule, as ``Trainer.__init__``."""
+    t.pipeline = None
+    if t.parallel_dims.pp_enabled:
+        t.pipeline, t.flops_per_token = t.build_pipeline()
+        t.model_parts, t.model = t.pipeline.model_parts, None
+    else:
+        t.model, t.flops_per_token = t.build_model()
+        t.model_parts = [t.model]
+    t.autocast = t.build_autocast()
+    t.optimizer = build_optimizer(t.cfg.optimizer, t.parameters(), t.device.type)
+    t.lr_scheduler = build_lr_scheduler(t.cfg.lr_scheduler, t.optimizer, t.cfg.training.steps)
+
+
+@contextlib.contextmanager
+def skip_weight_init():
+    """Weight values do not change memory, and the init's truncated normal asks for a value
+    (``mask.any()``) that fake tensors cannot give: leave ``to_empty``'s tensors as they are."""
+    import torchtitan.trainer as trainer_module
+
+    real = trainer_module.init_model_weights
+    trainer_module.init_model_weights = lambda model, args, seed, device: None
+    try:
+        yield
+    finally:
+        trainer_module.init_model_weights = real
+
+
+def fake_batch(t) -> torch.Tensor:
+    """This rank's rows of one global batch, [local_bs x accumulation, seq_len + 1] token ids."""
+    rows = t.local_bs * t.accum_steps
+    return torch.randint(0, t.tokenizer.n_words, (rows, t.cfg.training.seq_len + 1))
+
+
+def run_train_steps(t, steps: int = STEPS) -> None:
+    """``Trainer.train_step`` itself; only the finite/stop flags (a host sync) are stubbed out."""
+    t._step_flags = lambda loss, grad_norm, stop: (False, False)
+    batches = iter([fake_batch(t) for _ in range(steps)])
+    for _ in range(steps):
+        t.train_step(batches, False)
+
+
+# ---- methods ----------------------------------------------------------------------------
+
+
+def pick_method(dims) -> str:
+    if dims.tp_enabled or dims.pp_enabled or dims.cp_enabled:
+        return "analytic"
+    if dims.fsdp_enabled:
+        return "FSDPMemTracker"
+    if dims.dp_replicate == 1:
+        return "MemTracker"
+    return "analytic"  # DDP: its C++ reducer buckets are invisible to the trackers
+
+
+def tracked_estimate(t, method: str) -> MemoryEstimate:
+    """Peak over two train steps as seen by FSDPMemTracker / MemTracker."""
+    if method == "FSDPMemTracker":
+        from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+
+        tracker = FSDPMemTracker(t.model, t.optimizer)
+        set_sync = t.set_gradient_sync
+
+        def set_gradient_sync(enabled: bool) -> None:
+            # Called before every microbatch's forward: the tracker refuses a second root
+            # forward (accumulation, next step) unless its per-module stats are cleared.
+            tracker.reset_mod_stats()
+            set_sync(enabled)
+
+        t.set_gradient_sync = set_gradient_sync
+    else:
+        from torch.distributed._tools.mem_tracker import MemTracker
+
+        tracker = MemTracker()
+        tracker.track_external(t.model, t.optimizer)
+    with tracker:
+        run_train_steps(t)
+    peak = tracker.get_tracker_snapshot("peak")
+    snap = peak.get(t.device) or next(iter(peak.values()))
+    return categorize(snap, method, dist.get_world_size(), layout_of(t.parallel_dims))
+
+
+def _local_bytes(tensors) -> int:
+    total = 0
+    for p in tensors:
+        local = p.to_local() if hasattr(p, "to_local") else p
+        total += local.numel() * local.element_size()
+    return total
+
+
+def analytic_activation_bytes(t) -> tuple[int, int]:
+    """(saved activations of this rank's blocks, peak of the loss) in bytes, eager autograd.
+
+    Per block and token, the tensors autograd keeps (fp32 unless autocast/mixed precision):
+    block input and residual (2D), each RMSNorm's normed and scaled output (2 x 2D), RoPE'd q,
+    repeated k and v, the attention output and its reshaped copy (~5D under TP: /tp), and the
+    SwiGLU w1, silu, w3 and product outputs (4F, /tp). Activation checkpointing keeps only the
+    block input of checkpointed blocks (+ one recomputed block during backward). The loss
+    keeps the logits and the log-softmax (2V, /tp with loss_parallel) plus their gradients.
+    """
+    cfg, dims = t.cfg, t.parallel_dims
+    args = t.model_parts[0].model_args
+    tokens = t.local_bs * cfg.training.seq_len // dims.cp
+    if dims.pp_enabled:  # each microbatch's activations live until its backward (1F1B: up to pp)
+        tokens = tokens // max(1, t.pipeline.n_microbatches) * dims.pp
+    width = 2 if (cfg.training.mixed_precision_param == "bfloat16" or
+                  (not cfg.training.mixed_precision_param and t.device.type == "cuda")) else 4
+    D, F, V, tp = args.dim, args.ffn_hidden_dim, args.vocab_size, dims.tp
+    per_block = tokens * (6 * D / tp + 5 * D / tp + 4 * F / tp) * width  # SP: norms are T/tp
+    n_blocks = sum(len(part.layers) for part in t.model_parts)
+    if cfg.activation_checkpoint.mode == "full":
+        saved = n_blocks * tokens * D / tp * width + per_block
+    elif cfg.activation_checkpoint.mode == "selective" and cfg.activation_checkpoint.selective_ac_option.isdigit():
+        every = int(cfg.activation_checkpoint.selective_ac_option)
+        n_ckpt = (n_blocks + every - 1) // every
+        saved = (n_blocks - n_ckpt) * per_block + n_ckpt * tokens * D / tp * width + per_block
+    else:  # none, or op-level SAC (keeps most matmul outputs: counted as none)
+        saved = n_blocks * per_block
+    has_output = any(getattr(part, "output", None) is not None for part in t.model_parts)
+    loss = 4 * tokens * V / (tp if cfg.parallelism.loss_parallel else 1) * 4 if has_output else 0
+    return int(saved), int(loss)
+
+
+def analytic_estimate(t, reason: str = "") -> MemoryEstimate:
+    """Exact local parameter bytes (from the built model) + AdamW state + the activation formula."""
+    dims = t.parallel_dims
+    params = _local_bytes(p for part in t.model_parts for p in part.parameters())
+    buffers = _local_bytes(b for part in t.model_parts for b in part.buffers())
+    grads = params
+    optimizer = 2 * params  # AdamW exp_avg and exp_avg_sq (the step counters are scalars)
+    saved, loss = analytic_activation_bytes(t)
+    # FSDP: the all-gathered params (compute dtype) of about two blocks (current + prefetch)
+    # and their unsharded gradients are alive at once besides the shards.
+    gathered = 0
+    if dims.fsdp_enabled:
+        blocks = [b for part in t.model_parts for b in part.layers.values()]
+        if blocks:
+            gathered = 2 * 2 * _local_bytes(blocks[0].parameters()) * dims.dp_shard * dims.cp
+    est = MemoryEstimate(
+        params=params + buffers + gathered // 2, grads=grads + gathered // 2, optimizer=optimizer,
+        activations=saved + loss, total=0, method="analytic", world_size=dist.get_world_size(),
+        layout=layout_of(dims),
+    )
+    est.total = est.params + est.grads + est.optimizer + est.activations
+    if reason:
+        est.notes.append(reason)
+    return est
+
+
+# ---- entry points -------------------------------------------------------------------------
+
+
+def estimate_memory(cfg: JobConfig, world_size: int, fake: bool | None = None) -> MemoryEstimate:
+    """Rank 0's peak memory for ``cfg`` at ``world_size``; ``fake=False`` uses real tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    fake = not cfg.memory_estimation.disable_fake_mode if fake is None else fake
+    init_fake_process_group(world_size)
+    try:
+        t = build_skeleton(cfg)
+        method = pick_method(t.parallel_dims)
+        mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
+        with mode, (skip_weight_init() if fake else contextlib.nullcontext()):
+            build_model_and_optimizer(t)
+            if method == "analytic":
+                est = analytic_estimate(t, f"analytic model for {layout_of(t.parallel_dims)}")
+            else:
+                try:
+                    est = tracked_estimate(t, method)
+                except Exception as e:  # the trackers are private torch tools: never fatal
+                    logger.warning(f"{method} failed ({type(e).__name__}: {e}); using the analytic model")
+                    est = analytic_estimate(t, f"{method} failed: {type(e).__name__}: {e}")
+        if not fake:
+            est.notes.append("disable_fake_mode: real tensors on a fake process group")
+        est.notes.append(
+            f"local batch {t.local_bs} x accumulation {t.accum_steps}, seq_len {cfg.training.seq_len}, "
+            f"{STEPS} train steps"
+        )
+        return est
+    finally:
+        dist.destroy_process_group()
+
+
+def run_estimation(cfg: JobConfig, world_size: int, json_out: str = "") -> MemoryEstimate:
+    """Estimate, print the table, and optionally write it as JSON (the train.py hook calls this)."""
+    start = time.perf_counter()
+    est = estimate_memory(cfg, world_size)
+    print(est.table(), flush=True)
+    logger.info(f"memory estimate took {time.perf_counter() - start:.1f}s")
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump(est.to_dict(), f, indent=1)
+    return est
+
+
+# ---- measuring a real run (for the accuracy check) -----------------------------------------
+
+
+class TensorPeakProbe:
+    """Peak bytes of live tensors on this rank, from ``start()`` (the window) to exit.
+
+    CUDA: the caching allocator's ``max_memory_allocated``. CPU: torch.profiler allocation
+    events, whose running total counts every tensor allocated since the profiler started
+    (so enter before the model is materialized). Both exclude the runtime's own memory.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.window_start_ns = 0
+        self.prof = None
+
+    def __enter__(self) -> "TensorPeakProbe":
+        if self.device.type != "cuda":
+            from torch.profiler import ProfilerActivity, profile
+
+            self.prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            self.prof.__enter__()
+        return self
+
+    def start(self) -> None:
+        """Open the window: peaks before it (model init) are not counted."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.window_start_ns = time.time_ns()
+
+    def __exit__(self, *exc) -> None:
+        if self.prof is not None:
+            self.prof.__exit__(*exc)
+
+    def peak(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        from torch._C._profiler import _EventType
+
+        def walk(nodes):
+            for n in nodes:
+                yield n
+                yield from walk(n.children)
+
+        totals = [
+            n.extra_fields.total_allocated
+            for n in walk(self.prof.profiler.kineto_results.experimental_event_tree())
+            if n.tag == _EventType.Allocation and n.extra_fields.device.type == "cpu"
+            and n.start_time_ns >= self.window_start_ns
+        ]
+        return max(totals, default=0)
+
+
+def measure_real_peak(cfg: JobConfig, steps: int = STEPS) -> dict:
+    """Build the real Trainer (under torchrun) and run ``steps`` train steps; returns this
+    run's peak tensor bytes over the steps (rank 0's and the max over ranks)."""
+    from torchtitan.trainer import Trainer
+
+    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if device_type() == "cuda" else torch.device("cpu")
+    with TensorPeakProbe(dev) as probe:
+        trainer = Trainer(cfg)
+        data_iter = iter(trainer.dataloader)
+        probe.start()
+        for _ in range(steps):
+            trainer.train_step(data_iter, False)
+    peak = probe.peak()
+    peaks = torch.tensor([peak], dtype=torch.float64, device=trainer.device)
+    gathered = [torch.zeros_like(peaks) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, peaks)
+    how = "torch.cuda.max_memory_allocated" if dev.type == "cuda" else "torch.profiler allocation events"
+    result = {"rank0": int(gathered[0].item()), "max_over_ranks": int(max(g.item() for g in gathered)),
+              "how": how, "world_size": dist.get_world_size(), "steps": steps}  # fmt: skip
+    trainer.close()
+    return result
+
+
+def compare(est: MemoryEstimate, measured_bytes: int) -> str:
+    rel = (est.total - measured_bytes) / measured_bytes
+    return (f"estimate {est.total / GIB:.4f} GiB ({est.method}) vs measured {measured_bytes / GIB:.4f} GiB: "
+            f"{100 * rel:+.1f}%")  # fmt: skip
+
+
+def load_estimate(path: str) -> MemoryEstimate:
+    with open(path) as f:
+        return MemoryEstimate(**json.load(f))
