@@ -8,6 +8,11 @@ from torchtitan.trainer import Trainer
 
 def main(argv: list[str] | None = None) -> None:
     cfg = ConfigManager().parse_args(argv)
+    if cfg.memory_estimation.enable:  # estimate instead of training: one process, fake tensors
+        from torchtitan.tools.memory_estimation import run_estimation_from_launcher
+
+        run_estimation_from_launcher(cfg)
+        return
     trainer = Trainer(cfg)
     try:
         trainer.train()

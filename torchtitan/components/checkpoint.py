@@ -44,6 +44,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -61,6 +62,8 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 ASYNC_MODES = ("disabled", "async", "async_with_pinned_mem")
 INTERVAL_TYPES = ("steps", "seconds")
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
+# DCP raises CheckpointException, a BaseException: `except Exception` alone would miss it.
+_ERRORS = (Exception, CheckpointException)
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):
@@ -285,7 +288,7 @@ class CheckpointManager:
             return
         try:
             pending.upload.result()
-        except Exception as e:
+        except _ERRORS as e:
             raise RuntimeError(
                 f"async checkpoint save of step {pending.step} to {pending.tmp} failed: "
                 f"{type(e).__name__}: {_first_line(e)}"
@@ -382,7 +385,7 @@ class CheckpointManager:
     def _read_metadata(self, path: Path) -> Metadata:
         try:
             return dcp.FileSystemReader(str(path)).read_metadata()
-        except Exception as e:
+        except _ERRORS as e:
             raise ValueError(
                 f"could not read {path / '.metadata'}: {type(e).__name__}: {_first_line(e)}; the checkpoint "
                 f"is corrupted: choose another with checkpoint.load_step or move this one away"
@@ -391,7 +394,7 @@ class CheckpointManager:
     def _dcp_load(self, path: Path, state: dict) -> None:
         try:
             dcp.load(state, checkpoint_id=str(path), planner=SafeLoadPlanner())
-        except Exception as e:  # DCP's errors are deep and long; say which checkpoint and why
+        except _ERRORS as e:  # DCP's errors are deep and long; say which checkpoint and why
             raise ValueError(
                 f"could not load checkpoint {path}: {type(e).__name__}: {_first_line(e)}. "
                 f"If the model or optimizer config changed since it was saved, restore it; if a file is "
@@ -494,9 +497,13 @@ def _stop_checkpoint_process() -> None:
         process.__del__()  # sends TERMINATE, joins (5 s), then terminates
 
 
-def _first_line(e: Exception) -> str:
+def _first_line(e: BaseException) -> str:
+    """The first line of the message; for DCP's CheckpointException, that of the first rank's error."""
+    if isinstance(e, CheckpointException) and e.failures:
+        rank, (inner, _) = next(iter(e.failures.items()))
+        return f"on rank {rank}: {type(inner).__name__}: {_first_line(inner)}"
     text = str(e).strip().splitlines()
-    return text[0][:500] if text else ""
+    return text[0][:500] if text else "(no message)"
 
 
 def _rank() -> int:

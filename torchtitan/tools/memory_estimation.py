@@ -3,7 +3,7 @@
 How: a fake process group (world size = NGPU x NNODES, rank 0's view) and ``FakeTensorMode``;
 the model, optimizer and lr schedule are built by the Trainer's own methods (``build_model`` /
 ``build_pipeline`` -> ``parallelize_llama`` -> ``to_empty`` -> ``init_model_weights``), then two
-real ``Trainer.train_step`` calls (forward + backward + clip + optimizer step) run on fake
+real ``Trainer.train_step`` calls (the first untracked) (forward + backward + clip + optimizer step) run on fake
 tensors with the configured local batch, accumulation and seq_len. Two steps, because the
 optimizer state only exists from the first ``optimizer.step()`` on: the second step is the
 steady state.
@@ -11,9 +11,10 @@ steady state.
 Methods, named in the output:
 - ``FSDPMemTracker``: FSDP/HSDP layouts without TP/PP/CP (tracks sharded/unsharded params,
   grads, optimizer state, activations and temporaries at the peak);
-- ``MemTracker``: one process, no parallelism;
-- ``analytic``: everything else (TP, PP, CP, DDP), or when a tracker fails. Parameter bytes
-  are still exact (summed over this rank's local shards of the model built by the Trainer);
+- ``MemTracker``: one process with ``disable_fake_mode`` (real tensors);
+- ``analytic``: everything else (TP, PP, CP, DDP, one process on fake tensors), or when a
+  tracker fails. Parameter bytes are still exact (summed over this rank's local shards of the
+  model the Trainer builds, on the meta device);
   activations come from a per-block formula (see ``analytic_activation_bytes``).
 
 Measuring a real run for comparison (``measure_real_peak``): ``torch.cuda.max_memory_allocated``
@@ -183,14 +184,15 @@ def run_train_steps(t, steps: int) -> None:
 # ---- methods ----------------------------------------------------------------------------
 
 
-def pick_method(dims) -> str:
+def pick_method(dims, fake: bool) -> str:
     if dims.tp_enabled or dims.pp_enabled or dims.cp_enabled:
         return "analytic"
     if dims.fsdp_enabled:
         return "FSDPMemTracker"
-    if dims.dp_replicate == 1:
-        return "MemTracker"
-    return "analytic"  # DDP: its C++ reducer buckets are invisible to the trackers
+    # One process: torch 2.13's to_empty cannot swap plain meta parameters for fake ones
+    # (the fake-tensor converter holds a weakref), so MemTracker runs on real tensors only.
+    # DDP: its C++ reducer buckets are invisible to the trackers.
+    return "MemTracker" if dims.dp_replicate == 1 and not fake else "analytic"
 
 
 def tracked_estimate(t, method: str) -> MemoryEstimate:
@@ -268,6 +270,14 @@ def analytic_activation_bytes(t) -> tuple[int, int]:
     return int(saved), int(loss)
 
 
+def meta_analytic_estimate(t) -> MemoryEstimate:
+    """The analytic model on the trainer's model built on the meta device (shapes only)."""
+    t.device = torch.device("meta")
+    with skip_weight_init():
+        build_model_and_optimizer(t)
+    return analytic_estimate(t, f"analytic model for {layout_of(t.parallel_dims)}")
+
+
 def analytic_estimate(t, reason: str = "") -> MemoryEstimate:
     """Exact local parameter bytes (from the built model) + AdamW state + the activation formula."""
     dims = t.parallel_dims
@@ -305,13 +315,13 @@ def estimate_memory(cfg: JobConfig, world_size: int, fake: bool | None = None) -
     init_fake_process_group(world_size)
     try:
         t = build_skeleton(cfg)
-        method = pick_method(t.parallel_dims)
-        mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
-        with mode, (skip_weight_init() if fake else contextlib.nullcontext()):
-            build_model_and_optimizer(t)
-            if method == "analytic":
-                est = analytic_estimate(t, f"analytic model for {layout_of(t.parallel_dims)}")
-            else:
+        method = pick_method(t.parallel_dims, fake)
+        if method == "analytic":
+            est = meta_analytic_estimate(t)
+        else:
+            with (FakeTensorMode() if fake else contextlib.nullcontext()), \
+                    (skip_weight_init() if fake else contextlib.nullcontext()):
+                build_model_and_optimizer(t)
                 try:
                     est = tracked_estimate(t, method)
                 except Exception as e:  # the trackers are private torch tools: never fatal
@@ -319,9 +329,9 @@ def estimate_memory(cfg: JobConfig, world_size: int, fake: bool | None = None) -
                     est = analytic_estimate(t, f"{method} failed: {type(e).__name__}: {e}")
         if not fake:
             est.notes.append("disable_fake_mode: real tensors on a fake process group")
+        steps = f", peak of train step {STEPS} of {STEPS}" if est.method != "analytic" else ""
         est.notes.append(
-            f"local batch {t.local_bs} x accumulation {t.accum_steps}, seq_len {cfg.training.seq_len}, "
-            f"{STEPS} train steps"
+            f"local batch {t.local_bs} x accumulation {t.accum_steps}, seq_len {cfg.training.seq_len}{steps}"
         )
         return est
     finally:
@@ -338,6 +348,14 @@ def run_estimation(cfg: JobConfig, world_size: int, json_out: str = "") -> Memor
         with open(json_out, "w") as f:
             json.dump(est.to_dict(), f, indent=1)
     return est
+
+
+def run_estimation_from_launcher(cfg: JobConfig) -> MemoryEstimate | None:
+    """``train.py`` with ``memory_estimation.enable``: the world size is the launched one
+    (torchrun's WORLD_SIZE = NGPU x NNODES); rank 0 estimates alone, the other ranks exit."""
+    if int(os.environ.get("RANK", 0)) != 0:
+        return None
+    return run_estimation(cfg, int(os.environ.get("WORLD_SIZE", 1)))
 
 
 # ---- measuring a real run (for the accuracy check) -----------------------------------------
