@@ -311,3 +311,23 @@ def test_end_of_training_export_is_loadable(trained, tmp_path):
     with torch.no_grad():
         logits = hf(_tokens(config["vocab_size"], seq=16)).logits
     assert torch.isfinite(logits).all()
+
+
+def test_imported_hf_weights_start_a_run_through_initial_load_path(trained, tmp_path, cache_dir):
+    """HF folder -> convert_hf_to_dcp -> checkpoint.initial_load_path: the run starts from exactly
+    those weights (same first loss as starting from the original training checkpoint)."""
+    _script("convert_hf_to_dcp").main([str(trained / "hf"), str(tmp_path / "dcp")])
+    first_losses = []
+    for name, source in (("from_hf", tmp_path / "dcp"), ("from_ckpt", trained / "checkpoint" / "step-2")):
+        dump = tmp_path / name
+        cmd = [
+            sys.executable, str(REPO / "train.py"), "--model.flavor", "debugmodel_tiny", "--training.steps", "1",
+            "--training.seq_len", "64", "--training.global_batch_size", "4", "--metrics.log_freq", "1",
+            "--job.dump_folder", str(dump), "--tokenizer.cache_dir", str(cache_dir),
+            "--checkpoint.enable", "--checkpoint.initial_load_path", str(source),
+        ]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert f"starting from the model weights of {source}" in proc.stderr
+        first_losses.append(json.loads((dump / "metrics.jsonl").read_text().splitlines()[0])["loss"])
+    assert first_losses[0] == first_losses[1]

@@ -369,15 +369,16 @@ class CheckpointManager:
         return step if "train_state" in keys else 0
 
     def _load_model_only(self, path: Path, metadata: Metadata) -> None:
-        """The model weights of a full or a model-only checkpoint; nothing else."""
+        """The model weights of any checkpoint: a training one or a converted one (keys under
+        ``model.``), or a seed / weights-only export (flat model FQNs); nothing else."""
         model = self.states["model"]
         model_sd = model.state_dict()
-        if _is_full(metadata):
-            _check_model_matches(path, metadata, model_sd, prefix="model.")
+        nested = any(k.startswith("model.") for k in metadata.state_dict_metadata)
+        _check_model_matches(path, metadata, model_sd, prefix="model." if nested else "")
+        if nested:
             logger.info(f"loading checkpoint {path} (model)")
             self._dcp_load(path, {"model": model})
         else:
-            _check_model_matches(path, metadata, model_sd, prefix="")
             logger.info(f"loading checkpoint {path} (model weights only)")
             self._dcp_load(path, model_sd)  # in place, cast to the model's dtype
             model.load_state_dict(model_sd)
