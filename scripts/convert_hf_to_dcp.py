@@ -5,7 +5,8 @@
 Reads model.safetensors or the shards named by model.safetensors.index.json (never .bin
 pickles), undoes HF's RoPE q/k row permutation, and writes a weights-only DCP checkpoint
 ({"model": state_dict}) plus model_args.json. A tied lm_head (Llama 3.2 1B/3B) becomes a
-separate copy of the embedding.
+separate copy of the embedding. Train from it with
+``--checkpoint.enable --checkpoint.initial_load_path <output_dcp_dir>``.
 """
 
 import argparse

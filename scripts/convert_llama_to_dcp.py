@@ -5,10 +5,10 @@
 
 The model-parallel shards are merged (fairscale layout) and written as a weights-only DCP
 checkpoint ({"model": state_dict}) plus model_args.json. Our model uses Meta's interleaved
-RoPE layout, so no weight is permuted. Load it with
-``dcp.load({"model": model.state_dict()}, checkpoint_id=<output_dcp_dir>)``. It holds no
-optimizer, scheduler or data-loader state, so it is not a resumable ``step-N`` folder: placed
-under ``<dump>/checkpoint`` the trainer's resume fails on the missing keys.
+RoPE layout, so no weight is permuted. Start training from it with
+``--checkpoint.enable --checkpoint.initial_load_path <output_dcp_dir>`` (weights only: optimizer,
+schedule and data start fresh), or load it yourself with
+``dcp.load({"model": model.state_dict()}, checkpoint_id=<output_dcp_dir>)``.
 """
 
 import argparse
