@@ -1,23 +1,103 @@
-"""Entry point: ``torchrun ... train.py --job.config_file train_configs/debug_model.toml [--section.key value ...]``."""
+"""Entry point: ``torchrun ... train.py --job.config_file train_configs/debug_model.toml [--section.key value ...]``.
 
+A user error (bad config, missing file, unwritable folder, corrupted checkpoint, non-finite loss)
+ends the run with one ``error: ...`` paragraph and exit code 1 instead of a traceback from deep
+inside torch; ``TORCHTITAN_TRACEBACK=1`` re-raises it with the full traceback.
+"""
+
+import logging
+import os
 import sys
 
 from torchtitan.config.manager import ConfigManager
-from torchtitan.trainer import Trainer
+
+# What a user can fix: config values, paths, permissions, data, checkpoints, diverging training.
+# (tomllib.TOMLDecodeError is a ValueError; OSError subclasses cover missing/unwritable paths.)
+USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError,
+               FileExistsError, FloatingPointError)
 
 
-def main(argv: list[str] | None = None) -> None:
+def run(argv: list[str] | None = None) -> None:
+    """Parse the config and train (or estimate memory); errors propagate."""
     cfg = ConfigManager().parse_args(argv)
     if cfg.memory_estimation.enable:  # estimate instead of training: one process, fake tensors
         from torchtitan.tools.memory_estimation import run_estimation_from_launcher
 
         run_estimation_from_launcher(cfg)
         return
+    check_dump_folder(cfg.job.dump_folder)
+    from torchtitan.trainer import Trainer  # imported here: config errors and --help need no torch
+
     trainer = Trainer(cfg)
     try:
         trainer.train()
-    finally:
-        trainer.close()
+    except BaseException:
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            trainer.close()  # alone: finish a save in flight, then tear down
+        else:
+            # No final barrier: the other ranks may be inside a collective that will never
+            # complete, and a barrier would wait for the whole comm timeout. Exit at once instead.
+            _stop_background_saver()
+        raise
+    trainer.close()
+
+
+def check_dump_folder(folder: str) -> None:
+    """Create ``job.dump_folder`` and write a probe file: fail before any work, not at the first save.
+
+    A write probe, not a permission-bit check: root ignores the bits, yet also fails here when
+    the path runs through a regular file or a read-only mount.
+    """
+    probe = os.path.join(folder, f".write-probe-{os.getpid()}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(
+            f"job.dump_folder={folder!r} is not a writable folder ({e.strerror or e}: {e.filename or folder}); "
+            f"metrics and checkpoints go there: pass --job.dump_folder with a folder you can write"
+        ) from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        run(argv)
+    except USER_ERRORS as e:
+        if os.environ.get("TORCHTITAN_TRACEBACK", "") not in ("", "0"):
+            raise
+        _exit_with_error(e)
+
+
+def _exit_with_error(e: BaseException) -> None:
+    """Log one paragraph on this rank and leave at once (exit code 1).
+
+    ``os._exit`` skips the interpreter's teardown: a gloo process group that was not destroyed
+    after a barrier aborts there at random ("terminate called without an active exception"),
+    and the peers of a failed rank cannot join a barrier anyway; torchrun stops them.
+    """
+    rank = os.environ.get("RANK")
+    prefix = f"[rank{rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
+    message = str(e).strip() or type(e).__name__
+    if isinstance(e, OSError) and e.filename and str(e.filename) not in message:
+        message = f"{message}: {e.filename}"
+    hint = " (set TORCHTITAN_TRACEBACK=1 for the full traceback)"
+    print(f"{prefix}error: {type(e).__name__}: {message}{hint}", file=sys.stderr, flush=True)
+    logging.shutdown()
+    sys.stdout.flush()
+    _stop_background_saver()
+    os._exit(1)
+
+
+def _stop_background_saver() -> None:
+    """DCP's checkpoint process (async_with_pinned_mem) must not outlive the trainer."""
+    checkpoint = sys.modules.get("torchtitan.components.checkpoint")  # not imported: nothing to stop
+    try:
+        if checkpoint is not None:
+            checkpoint._stop_checkpoint_process()
+    except Exception:  # best effort on the way out
+        pass
 
 
 # The guard matters: process-based async checkpointing re-imports this module.

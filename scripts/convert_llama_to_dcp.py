@@ -50,4 +50,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:  # a user's input: one message, no traceback
+        raise SystemExit(f"error: {e}") from None

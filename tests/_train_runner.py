@@ -1,7 +1,8 @@
 """Runs train.py's main in a child process for the tests; optionally dies mid-save.
 
     python tests/_train_runner.py [--kill-during-save STEP] [--sigterm-at-step STEP]
-                                  [--nan-at-step STEP] -- <train.py args>
+                                  [--nan-at-step STEP] [--fail-at-step RANK STEP]
+                                  [--kill-rank-at-step RANK STEP] -- <train.py args>
 
 --kill-during-save: the process SIGKILLs itself after DCP has written the data files of
 the checkpoint for STEP but before it finished: what a crash or an OOM-killer does to a save.
@@ -11,6 +12,9 @@ file as __mp_main__ and arms itself from the environment), which kills the train
 --sigterm-at-step: SIGTERM arrives during step STEP - 1, so the run stops after STEP, as a
 preempted job would (the schedule still spans training.steps, unlike a shorter run).
 --nan-at-step: the loss of step STEP is NaN, as after a bad batch or an overflow.
+--fail-at-step: rank RANK raises a RuntimeError at the start of step STEP, on the first attempt
+only (torchrun's TORCHELASTIC_RESTART_COUNT is 0): a restarted worker group runs through.
+--kill-rank-at-step: rank RANK SIGKILLs itself at the start of step STEP (a node or OOM loss).
 """
 
 import os
@@ -73,7 +77,38 @@ def _arm_nan(step: int) -> None:
     Trainer.train_step = step_with_nan
 
 
-_HOOKS = {"--kill-during-save": _arm_kill, "--sigterm-at-step": _arm_sigterm, "--nan-at-step": _arm_nan}
+def _at_step_start(rank: int, step: int, action) -> None:
+    """Run ``action()`` on global rank ``rank`` just before step ``step``'s forward."""
+    from torchtitan.trainer import Trainer
+
+    original = Trainer.train_step
+
+    def step_with_action(self, *a, **kw):
+        if self.train_state.step == step and self.rank == rank:  # the loop has already counted it
+            action()
+        return original(self, *a, **kw)
+
+    Trainer.train_step = step_with_action
+
+
+def _arm_fail(rank: int, step: int) -> None:
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        return  # a restarted attempt: the fault was transient
+
+    def fail():
+        raise RuntimeError(f"injected failure on rank {rank} at step {step}")
+
+    _at_step_start(rank, step, fail)
+
+
+def _arm_kill_rank(rank: int, step: int) -> None:
+    _at_step_start(rank, step, lambda: os.kill(os.getpid(), signal.SIGKILL))
+
+
+# flag -> (arming function, number of integer arguments)
+_HOOKS = {"--kill-during-save": (_arm_kill, 1), "--sigterm-at-step": (_arm_sigterm, 1),
+          "--nan-at-step": (_arm_nan, 1), "--fail-at-step": (_arm_fail, 2),
+          "--kill-rank-at-step": (_arm_kill_rank, 2)}
 
 if __name__ == "__mp_main__" and os.environ.get(_KILL_ENV):
     _arm_kill(int(os.environ[_KILL_ENV]))
@@ -81,8 +116,9 @@ if __name__ == "__mp_main__" and os.environ.get(_KILL_ENV):
 if __name__ == "__main__":
     args = sys.argv[1:]
     while args and args[0] in _HOOKS:
-        _HOOKS[args[0]](int(args[1]))
-        args = args[2:]
+        arm, nargs = _HOOKS[args[0]]
+        arm(*map(int, args[1:1 + nargs]))
+        args = args[1 + nargs:]
     if args[:1] == ["--"]:
         args = args[1:]
     from train import main

@@ -39,9 +39,11 @@ from torchtitan.parallelisms.utils import (
     dist_reduce,
     init_distributed,
     set_determinism,
+    set_pg_timeout,
     shutdown_distributed,
 )
 from torchtitan.tools.logging import init_logger, logger
+from torchtitan.tools.profiling import maybe_enable_memory_snapshot, maybe_enable_profiling
 
 
 @dataclass
@@ -258,27 +260,46 @@ class Trainer:
         )
         losses = []
         window_losses, window_norms = [], []  # device tensors: no host sync until the log step
-        while self.train_state.step < cfg.steps:
-            self.train_state.step += 1
-            step = self.train_state.step
-            if step % cfg.gc_freq == 0:
-                gc.collect(1)
-            loss, grad_norm, stopping = self.train_step(data_iter, stop.requested())
-            window_losses.append(loss)
-            window_norms.append(grad_norm)
-            if self.metrics.should_log(step):
-                losses.append(self.log(step, torch.stack(window_losses).mean(), torch.stack(window_norms).max()))
-                window_losses, window_norms = [], []
-            if self.checkpointer.should_save(step, cfg.steps) or (stopping and self.checkpointer.enabled):
-                self.checkpointer.save(step, final=step == cfg.steps)
-            if stopping:
-                logger.info(f"stop requested: stopped cleanly after step {step}")
-                break
+        first_step = self.train_state.step + 1
+        prof_cfg, dump = self.cfg.profiling, self.cfg.job.dump_folder
+        with maybe_enable_profiling(prof_cfg, dump, self.train_state.step) as profiler, \
+                maybe_enable_memory_snapshot(prof_cfg, dump, self.train_state.step, self.device) as mem_snapshot:
+            while self.train_state.step < cfg.steps:
+                self.train_state.step += 1
+                step = self.train_state.step
+                if step % cfg.gc_freq == 0:
+                    gc.collect(1)
+                try:
+                    loss, grad_norm, stopping = self.train_step(data_iter, stop.requested())
+                except torch.OutOfMemoryError:
+                    mem_snapshot.dump_on_oom()  # what filled the memory, before the error unwinds
+                    raise
+                if step == first_step:  # start-up is over: a hung collective should now fail fast
+                    self.tighten_comm_timeout()
+                window_losses.append(loss)
+                window_norms.append(grad_norm)
+                if self.metrics.should_log(step):
+                    losses.append(self.log(step, torch.stack(window_losses).mean(), torch.stack(window_norms).max()))
+                    window_losses, window_norms = [], []
+                if self.checkpointer.should_save(step, cfg.steps) or (stopping and self.checkpointer.enabled):
+                    self.checkpointer.save(step, final=step == cfg.steps)
+                profiler.step()
+                mem_snapshot.step()
+                if stopping:
+                    logger.info(f"stop requested: stopped cleanly after step {step}")
+                    break
         self.checkpointer.close()  # an async save still in flight finishes before we return
         if self.cfg.checkpoint.hf_export_folder and self.train_state.step >= cfg.steps:  # not on a stop
             self.export_hf(self.cfg.checkpoint.hf_export_folder)
         self.metrics.close()
         return losses
+
+    def tighten_comm_timeout(self) -> None:
+        """comm.init_timeout_seconds covered start-up (rendezvous, checkpoint load, first step);
+        from now on collectives time out after comm.train_timeout_seconds."""
+        seconds = self.cfg.comm.train_timeout_seconds
+        if set_pg_timeout(seconds, groups=self.parallel_dims.mesh.get_all_groups()):
+            logger.info(f"collective timeout set to {seconds}s after the first step")
 
     def export_hf(self, folder: str) -> None:
         """Write the trained model as a HF Llama folder (collective: every rank calls it, rank 0 writes).

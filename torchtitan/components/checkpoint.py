@@ -4,7 +4,8 @@ Layout: ``<dump>/<folder>/step-N/`` (DCP files, ``.metadata``, ``config.toml``).
 ``step-N.tmp`` and is renamed to ``step-N`` only after every rank finished writing and DCP wrote
 ``.metadata``; a crash mid-save leaves a ``.tmp`` folder that resume ignores (with a warning), so
 the last complete checkpoint is what loads. Loading never unpickles without restriction:
-non-tensor values go through ``torch.load(weights_only=True)``.
+non-tensor values go through ``torch.load(weights_only=True)`` and ``.metadata`` through a
+restricted unpickler (``SafeFileSystemReader``).
 
 ``checkpoint.async_mode``:
   - ``async``: the state is copied to CPU memory inside ``save`` (DCP's default stager), then a
@@ -31,6 +32,7 @@ model weights only.
 
 import io
 import os
+import pickle
 import re
 import shutil
 import time
@@ -76,6 +78,46 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             set_element(self.original_state_dict, self.mappings[fqn], obj)
         else:
             self.state_dict[fqn] = obj
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP writes ``.metadata`` with plain pickle and reads it back with ``pickle.load``: a crafted
+    file would run code. Only DCP's metadata types, torch sizes/dtypes/layouts and paths load."""
+
+    _DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+
+    def find_class(self, module: str, name: str):
+        import torch.serialization
+
+        if module in self._DCP_MODULES or (module, name) in (("torch", "Size"), ("collections", "OrderedDict"),
+                                                               ("torch.serialization", "_get_layout")):
+            obj = getattr(__import__(module, fromlist=[name]), name, None)
+            if module not in self._DCP_MODULES or getattr(obj, "__module__", module) == module:
+                return obj
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if module == "pathlib" and name in ("Path", "PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(
+            f"refusing to unpickle {module}.{name}: not a DCP metadata type (a crafted or foreign .metadata file)"
+        )
+
+
+class SafeFileSystemReader(dcp.FileSystemReader):
+    """``FileSystemReader`` whose ``.metadata`` goes through ``_MetadataUnpickler``."""
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        if not isinstance(metadata, Metadata):
+            raise pickle.UnpicklingError(f"{path} holds a {type(metadata).__name__}, not DCP Metadata")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
 
 
 def _as_parts(model: torch.nn.Module | list[torch.nn.Module]) -> list[torch.nn.Module]:
@@ -385,7 +427,7 @@ class CheckpointManager:
 
     def _read_metadata(self, path: Path) -> Metadata:
         try:
-            return dcp.FileSystemReader(str(path)).read_metadata()
+            return SafeFileSystemReader(str(path)).read_metadata()
         except _ERRORS as e:
             raise ValueError(
                 f"could not read {path / '.metadata'}: {type(e).__name__}: {_first_line(e)}; the checkpoint "
@@ -394,7 +436,7 @@ class CheckpointManager:
 
     def _dcp_load(self, path: Path, state: dict) -> None:
         try:
-            dcp.load(state, checkpoint_id=str(path), planner=SafeLoadPlanner())
+            dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner())
         except _ERRORS as e:  # DCP's errors are deep and long; say which checkpoint and why
             raise ValueError(
                 f"could not load checkpoint {path}: {type(e).__name__}: {_first_line(e)}. "
@@ -504,7 +546,9 @@ def _first_line(e: BaseException) -> str:
         rank, (inner, _) = next(iter(e.failures.items()))
         return f"on rank {rank}: {type(inner).__name__}: {_first_line(inner)}"
     text = str(e).strip().splitlines()
-    return text[0][:500] if text else "(no message)"
+    if text:
+        return text[0][:500]
+    return "a file ends early (truncated?)" if isinstance(e, EOFError) else "(no message)"
 
 
 def _rank() -> int:

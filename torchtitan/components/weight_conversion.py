@@ -22,7 +22,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from torchtitan.components.checkpoint import SafeLoadPlanner
+from torchtitan.components.checkpoint import SafeFileSystemReader, SafeLoadPlanner
 from torchtitan.models.llama import (
     RoPEScalingArgs,
     Transformer,
@@ -199,10 +199,25 @@ def load_meta_checkpoint(
         raise ValueError(f"{folder} is not a Meta Llama checkpoint: expected params.json and consolidated.NN.pth")
     args = meta_params_to_args(json.loads((folder / "params.json").read_text()), max_seq_len, rope_scaling_factor)
     # mmap: shards are not read into memory until concatenated; weights_only: no arbitrary unpickling.
-    shards = [torch.load(p, weights_only=True, mmap=True, map_location="cpu") for p in paths]
+    shards = [_load_pth(p) for p in paths]
     sd = merge_meta_shards(shards)
     check_state_dict(sd, args)
     return sd, args
+
+
+def _load_pth(path: Path) -> dict:
+    """A ``.pth`` shard with tensors only: anything else in its pickle is refused, never run."""
+    import pickle
+
+    try:
+        return torch.load(path, weights_only=True, mmap=True, map_location="cpu")
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()
+        raise ValueError(
+            f"{path}: refused to unpickle (it holds more than tensors, loaded with weights_only=True): "
+            f"{first[0][:300] if first else type(e).__name__}. Only use checkpoints from a source you trust; "
+            f"re-download this one"
+        ) from e
 
 
 # ----------------------------------------------------------------------------- DCP
@@ -225,7 +240,7 @@ def load_dcp_model_state(folder: str | Path) -> dict[str, torch.Tensor]:
 
     Only the model's tensors are read: the optimizer state (2x the model) is never loaded.
     """
-    reader = dcp.FileSystemReader(str(folder))
+    reader = SafeFileSystemReader(str(folder))  # .metadata is a pickle: restricted unpickler
     metadata = reader.read_metadata()
     sd = {
         fqn.removeprefix("model."): torch.empty(md.size, dtype=md.properties.dtype)

@@ -78,15 +78,16 @@ class DistributedDataLoader(Stateful):
 def check_fingerprint(saved: dict, current: dict) -> None:
     """Raise a ValueError naming every stream-defining field that differs."""
     diffs = [
-        f"  {key}: saved {saved.get(key)!r}, current {current.get(key)!r}"
+        f"{key}: saved {saved.get(key)!r}, current {current.get(key)!r}"
         for key in sorted(set(saved) | set(current))
         if saved.get(key) != current.get(key)
     ]
     if diffs:
         raise ValueError(
-            "the data loader checkpoint was saved for a different data stream:\n"
-            + "\n".join(diffs)
-            + "\nFix: resume with the saved values of these fields, or start a new run "
+            # One line: callers (checkpoint loading) report the first line of an error.
+            "the data loader checkpoint was saved for a different data stream: "
+            + "; ".join(diffs)
+            + ". Fix: resume with the saved values of these fields, or start a new run "
             "(fresh dump folder) so that the data starts from the beginning"
         )
 

@@ -125,7 +125,11 @@ class FileListSource(Stateful):
                     yield text
                 self.file_index, self.record_index = self.file_index + 1, 0
             if from_start and yielded == 0:
-                raise ValueError(f"dataset {self.name!r} has no documents ({len(self.files)} files)")
+                raise ValueError(
+                    f"dataset {self.name!r} has no documents ({len(self.files)} files, all empty or without "
+                    f"'{self.text_field}' records); add text (.jsonl: one JSON object per line with a "
+                    f"'{self.text_field}' field, set by data.text_field) or remove it from data.datasets"
+                )
             logger.info(f"dataset {self.name!r}: epoch {self.epoch} done, looping")
             self.epoch, self.file_index, self.record_index = self.epoch + 1, 0, 0
 
@@ -244,7 +248,10 @@ def local_files(spec: str) -> list[Path]:
         # Sorted by the path relative to the folder so the order is the same on every machine.
         files = [p for p in path.rglob("*") if p.suffix in LOCAL_SUFFIXES and p.is_file()]
         if not files:
-            raise ValueError(f"dataset folder {spec!r} holds no {'/'.join(LOCAL_SUFFIXES)} files")
+            raise ValueError(
+                f"dataset folder {spec!r} holds no {'/'.join(LOCAL_SUFFIXES)} files; put the corpus there "
+                f"or point data.datasets at another folder or file"
+            )
         return sorted(files, key=lambda p: p.relative_to(path).as_posix())
     raise ValueError(f"dataset {spec!r} is not a known name nor an existing path; accepted: {_ACCEPTED}")
 

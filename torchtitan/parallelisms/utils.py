@@ -35,8 +35,30 @@ def init_distributed(comm: Comm, dump_folder: str) -> torch.device:
         device = torch.device("cpu")
         backend = "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=timedelta(seconds=comm.init_timeout_seconds))
+        timeout = timedelta(seconds=comm.init_timeout_seconds)
+        store = _restart_store(timeout)
+        explicit = dict(store=store, rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+        dist.init_process_group(backend, timeout=timeout, **(explicit if store is not None else {}))
     return device
+
+
+def _restart_store(timeout: timedelta) -> dist.Store | None:
+    """After a torchrun restart (``--max-restarts``): the rendezvous store, under a prefix of its own.
+
+    torchrun's workers reuse the agent's TCPStore across restarts, and the process group's
+    address exchange keys of the failed attempt are still there: a restarted rank read the dead
+    rank 0's address and failed with "Connection refused" (torch 2.13, gloo). None on the first
+    attempt: the default env:// rendezvous.
+    """
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if attempt == 0:
+        return None
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # else rank 0 hosts it
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
+        is_master=not agent_store and os.environ["RANK"] == "0", timeout=timeout,
+    )
+    return dist.PrefixStore(f"torchtitan_attempt_{attempt}", store)
 
 
 def _free_port() -> int:
@@ -56,6 +78,33 @@ def _set_nccl_env(comm: Comm, dump_folder: str) -> None:
         os.makedirs(trace_dir, exist_ok=True)
         os.environ.setdefault("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", os.path.join(trace_dir, "rank_"))
         os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
+
+
+def set_pg_timeout(seconds: float, groups=()) -> bool:
+    """Give the default group (and ``groups``) a new collective timeout; True if it was applied.
+
+    Start-up (rendezvous, first compile, checkpoint load) is slow, so the process group starts with
+    ``comm.init_timeout_seconds``; once a step has completed, a hung collective should fail fast, so
+    the loop tightens it to ``comm.train_timeout_seconds``. torch 2.13 has no public
+    ``torch.distributed.set_timeout``: we use ``distributed_c10d._set_pg_timeout`` (sets the gloo and
+    nccl backends' default timeout, applied to collectives issued from now on), else
+    ``ProcessGroup.set_timeout``, else keep the start-up timeout with a warning.
+    """
+    if not dist.is_initialized():
+        return False
+    timeout = timedelta(seconds=seconds)
+    setter = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
+    for group in (None, *groups):
+        try:
+            if setter is not None:
+                setter(timeout, group)
+            else:
+                (group or dist.distributed_c10d._get_default_group()).set_timeout(timeout)
+        except (AttributeError, RuntimeError, ValueError) as e:
+            logger.warning(f"could not set the collective timeout to {seconds}s ({e!r}); "
+                           f"comm.train_timeout_seconds is ignored, the start-up timeout stays")
+            return False
+    return True
 
 
 def shutdown_distributed() -> None:
