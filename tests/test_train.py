@@ -171,3 +171,9 @@ def test_skip_nan_inf_skips_and_counts_the_step(tmp_path, cache_dir, reference):
     assert m[3]["skipped_steps"] == 0 and m[4]["skipped_steps"] == 1 and m[20]["skipped_steps"] == 1
     assert m[3]["loss"] == reference[3]["loss"] and math.isnan(m[4]["loss"])
     assert all(math.isfinite(m[s]["loss"]) for s in range(5, 21))
+
+
+def test_float8_request_is_refused_not_ignored(tmp_path, cache_dir):
+    proc = run(tiny_args(tmp_path, cache_dir, 1, "--float8.enable_float8_linear"), check=False)
+    assert proc.returncode == 1
+    assert "float8 training is not in this build yet" in proc.stderr

@@ -157,6 +157,11 @@ class Trainer:
         cfg = self.cfg
         if cfg.model.name != "llama3":
             raise ValueError(f"model.name {cfg.model.name!r} is not available; this build has 'llama3'")
+        if cfg.float8.enable_float8_linear:  # refuse rather than silently train in high precision
+            raise ValueError(
+                "float8.enable_float8_linear: float8 training is not in this build yet; "
+                "set it to false (the [float8] options are reserved for it)"
+            )
         args = build_model_args(
             cfg.model.flavor, vocab_size=self.tokenizer.n_words, max_seq_len=cfg.training.seq_len,
             n_layers=cfg.model.n_layers, dim=cfg.model.dim,
