@@ -50,11 +50,16 @@ def metrics(dump: Path) -> dict[int, dict]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, cache_dir) -> dict[int, dict]:
-    """The uninterrupted 20-step run every resume is compared with."""
-    dump = tmp_path_factory.mktemp("ref")
+def reference_dump(tmp_path_factory, cache_dir) -> Path:
+    """The uninterrupted 20-step run every resume is compared with (its dump folder)."""
+    dump = tmp_path_factory.mktemp("ref_train")
     run(tiny_args(dump, cache_dir, 20, "--metrics.enable_tensorboard"))
-    return metrics(dump)
+    return dump
+
+
+@pytest.fixture(scope="module")
+def reference(reference_dump) -> dict[int, dict]:
+    return metrics(reference_dump)
 
 
 def test_metrics_have_the_documented_keys(reference):
@@ -134,8 +139,8 @@ def test_load_step_that_does_not_exist_is_a_clear_error(tmp_path, cache_dir):
     assert "checkpoint.load_step=7" in proc.stderr and "complete ones" in proc.stderr
 
 
-def test_tensorboard_and_plot_outputs(reference, tmp_path_factory):
-    dump = next(Path(tmp_path_factory.getbasetemp()).glob("ref*"))
+def test_tensorboard_and_plot_outputs(reference_dump, tmp_path_factory):
+    dump = reference_dump
     assert list((dump / "tb").glob("events.out.tfevents.*"))
     out = tmp_path_factory.mktemp("plot") / "m.png"
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "plot_metrics.py"), str(dump / "metrics.jsonl"),
