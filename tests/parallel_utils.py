@@ -6,10 +6,11 @@ batches, so each step's loss must match the single-process run within ``rtol``.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from torchtitan.parallelisms.utils import free_port as _free_port  # re-exported for the tests
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,12 +31,6 @@ def tiny_overrides(dump: Path, cache: Path, steps: int = 5) -> list[str]:
         "--comm.init_timeout_seconds", "120",
         "--comm.train_timeout_seconds", "120",
     ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(nproc: int, args: list[str], timeout: int = 600, check: bool = True,

@@ -1,7 +1,6 @@
 """The backend-neutral CP attention against full causal attention, forward and backward."""
 
 import os
-import socket
 from datetime import timedelta
 
 import pytest
@@ -11,6 +10,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from torchtitan.parallelisms.context_parallel import local_positions, shard_sequence
+from torchtitan.parallelisms.utils import free_port as _free_port
 
 
 def test_load_balanced_positions():
@@ -27,12 +27,6 @@ def test_load_balanced_positions():
 def test_seq_len_not_divisible_is_a_clear_error():
     with pytest.raises(ValueError, match="divisible by 2 x cp = 4"):
         local_positions(10, 2, 0)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, results):

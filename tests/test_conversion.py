@@ -30,6 +30,7 @@ from torchtitan.components.weight_conversion import (
 )
 from torchtitan.models.llama import RoPEScalingArgs, Transformer, TransformerModelArgs, build_model_args
 from torchtitan.models.llama.hf_mapping import to_hf_config
+from tests.test_model import _small_args as _parity_args
 
 transformers = pytest.importorskip("transformers")
 # DCP warns on every single-process load (no process group): that is the intent here.
@@ -48,14 +49,8 @@ def _script(name: str):
 
 
 def _small_args(**overrides) -> TransformerModelArgs:
-    # GQA (8 query heads, 2 kv heads); original_max_position_embeddings=32 < SEQ_LEN so the llama3
-    # RoPE scaling changes most frequencies within the test sequence.
-    kwargs = dict(
-        dim=128, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=512, multiple_of=32, max_seq_len=128,
-        rope_scaling=RoPEScalingArgs(factor=8.0, original_max_position_embeddings=32),
-    )  # fmt: skip
-    kwargs.update(overrides)
-    return TransformerModelArgs(**kwargs)
+    """The HF-parity model of tests/test_model.py (GQA, llama3 RoPE scaling that matters), 2 layers."""
+    return _parity_args(**{"n_layers": 2, **overrides})
 
 
 def _sharp_model(args: TransformerModelArgs, seed: int = 0) -> Transformer:

@@ -24,7 +24,7 @@ def init_distributed(comm: Comm, dump_folder: str) -> torch.device:
     """
     for key, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, default)
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
     dtype = device_type()
     if dtype == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -61,7 +61,8 @@ def _restart_store(timeout: timedelta) -> dist.Store | None:
     return dist.PrefixStore(f"torchtitan_attempt_{attempt}", store)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for a local rendezvous)."""
     import socket
 
     with socket.socket() as s:
