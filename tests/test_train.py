@@ -178,7 +178,8 @@ def test_skip_nan_inf_skips_and_counts_the_step(tmp_path, cache_dir, reference):
     assert all(math.isfinite(m[s]["loss"]) for s in range(5, 21))
 
 
-def test_float8_request_is_refused_not_ignored(tmp_path, cache_dir):
-    proc = run(tiny_args(tmp_path, cache_dir, 1, "--float8.enable_float8_linear"), check=False)
+def test_inconsistent_float8_options_end_to_end(tmp_path, cache_dir):
+    proc = run(tiny_args(tmp_path, cache_dir, 1, "--float8.enable_float8_linear",
+                         "--float8.precompute_float8_dynamic_scale_for_fsdp"), check=False)
     assert proc.returncode == 1
-    assert "float8 training is not in this build yet" in proc.stderr
+    assert "error: ValueError: float8.precompute_float8_dynamic_scale_for_fsdp precomputes" in proc.stderr

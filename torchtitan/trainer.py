@@ -21,6 +21,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from torchtitan.components.checkpoint import BlobState, CheckpointManager, ModelState, OptimizerState
+from torchtitan.components.float8 import Float8Training
 from torchtitan.components.metrics import MetricsLogger
 from torchtitan.components.optimizer import build_lr_scheduler, build_optimizer
 from torchtitan.components.tokenizer import build_tokenizer
@@ -112,6 +113,7 @@ class Trainer:
             self.parallel_dims.dp_rank, self.parallel_dims.dp, device_type=self.device.type,
         )
         self.cp = self.build_context_parallel()
+        self.float8 = Float8Training(cfg.float8, self.device, self.parallel_dims.fsdp_enabled)
         self.pipeline: Pipeline | None = None
         if self.parallel_dims.pp_enabled:
             self.pipeline, self.flops_per_token = self.build_pipeline()
@@ -157,19 +159,15 @@ class Trainer:
         cfg = self.cfg
         if cfg.model.name != "llama3":
             raise ValueError(f"model.name {cfg.model.name!r} is not available; this build has 'llama3'")
-        if cfg.float8.enable_float8_linear:  # refuse rather than silently train in high precision
-            raise ValueError(
-                "float8.enable_float8_linear: float8 training is not in this build yet; "
-                "set it to false (the [float8] options are reserved for it)"
-            )
         args = build_model_args(
             cfg.model.flavor, vocab_size=self.tokenizer.n_words, max_seq_len=cfg.training.seq_len,
-            n_layers=cfg.model.n_layers, dim=cfg.model.dim,
+            n_layers=cfg.model.n_layers, dim=cfg.model.dim, n_kv_heads=cfg.model.n_kv_heads,
         )
         # Built on meta: no memory until the parallel plan has decided what each rank holds.
         with torch.device("meta"):
             model = Transformer(args)
         nparams, flops_per_token = get_nparams_and_flops(model, args, cfg.training.seq_len)
+        self.float8.convert(model)  # before the parallel plan: TP, compile and FSDP see float8 modules
         logger.info(f"model {cfg.model.name} {cfg.model.flavor}: {nparams:,} params, {args}")
         return model, flops_per_token
 
@@ -181,6 +179,7 @@ class Trainer:
         model = parallelize_llama(
             model, self.parallel_dims, cfg.activation_checkpoint, cfg.compile,
             parallelism=cfg.parallelism, training=cfg.training, experimental=cfg.experimental,
+            tp_styles=self.float8.tp_styles() if self.float8.enabled else None,
         )
         # FSDP CPU offload keeps the sharded parameters in host memory.
         offload = cfg.training.enable_cpu_offload and self.parallel_dims.fsdp_enabled
@@ -345,6 +344,7 @@ class Trainer:
         self.checkpointer.wait_for_staging()  # an async save may still be copying what step() mutates
         if not not_finite:
             self.optimizer.step()
+            self.float8.after_optimizer_step(self.model_parts)
         else:
             self._handle_not_finite(loss_sum, grad_norm)
         self.optimizer.zero_grad(set_to_none=True)

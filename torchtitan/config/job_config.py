@@ -33,6 +33,7 @@ class Model:
     flavor: str = opt("debugmodel", "Model size: debugmodel, 1B, 3B, 8B, 70B, 405B (or small test flavors)")
     n_layers: int = opt(0, "Override the flavor's layer count (0 = keep the flavor's)")
     dim: int = opt(0, "Override the flavor's model width (0 = keep the flavor's)")
+    n_kv_heads: int = opt(0, "Override the flavor's key/value head count (0 = keep; = n_heads for MHA)")
 
 
 @dataclass

@@ -56,7 +56,7 @@ llama3_configs: dict[str, TransformerModelArgs] = {
 
 
 def build_model_args(
-    flavor: str, vocab_size: int, max_seq_len: int, n_layers: int = 0, dim: int = 0
+    flavor: str, vocab_size: int, max_seq_len: int, n_layers: int = 0, dim: int = 0, n_kv_heads: int = 0
 ) -> TransformerModelArgs:
     """Args of `flavor` with the tokenizer's vocab, the training seq_len and overrides (0 = keep)."""
     if flavor not in llama3_configs:
@@ -71,5 +71,7 @@ def build_model_args(
         overrides["n_layers"] = n_layers
     if dim > 0:
         overrides["dim"] = dim
+    if n_kv_heads > 0:
+        overrides["n_kv_heads"] = n_kv_heads
     # replace() builds a new instance (shared defaults stay untouched) and re-runs validation.
     return replace(llama3_configs[flavor], **overrides)

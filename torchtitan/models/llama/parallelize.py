@@ -41,10 +41,12 @@ def parallelize_llama(
     parallelism: ParallelismConfig | None = None,
     training: TrainingConfig | None = None,
     experimental: ExperimentalConfig | None = None,
+    tp_styles: dict | None = None,
 ) -> nn.Module:
     """Apply TP -> AC -> compile -> FSDP/HSDP (or DDP) in place to a meta-device model (or stage).
 
-    Sections left out take their defaults (as for a one-process run).
+    Sections left out take their defaults (as for a one-process run). ``tp_styles`` replaces the
+    block's colwise / rowwise / prepare_input styles (float8 TP: ``Float8Training.tp_styles``).
     """
     parallelism = parallelism or ParallelismConfig()
     training = training or TrainingConfig()
@@ -55,7 +57,7 @@ def parallelize_llama(
     validate_async_tp(experimental, parallel_dims, compile, device_type)
     if parallel_dims.tp_enabled:
         tp_mesh = parallel_dims.submesh("tp")
-        apply_tp(model, tp_mesh, loss_parallel=parallelism.loss_parallel)
+        apply_tp(model, tp_mesh, loss_parallel=parallelism.loss_parallel, styles=tp_styles)
         if experimental.enable_async_tensor_parallel:
             enable_async_tp(tp_mesh)
     if ac.mode != "none":
@@ -91,7 +93,7 @@ def check_tp_degrees(args, tp: int) -> None:
         )
 
 
-def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, loss_parallel: bool) -> None:
+def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, loss_parallel: bool, styles: dict | None = None) -> None:
     """Megatron-style TP with sequence parallel norms (activations between blocks are [B, T/tp, D]).
 
     Attention and the MLP get the full sequence (PrepareModuleInput all-gathers T), so RoPE
@@ -103,7 +105,14 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, loss_parallel: bool) -> None
     attribute '_local_tensor'": the graph's from_local/to_local at its edges hands a plain
     gradient to DTensor's redistribute backward. DTensor in, DTensor out traces cleanly and
     matches eager (tests/test_parallel.py, tp+sp+compile).
+
+    ``styles`` swaps the block's styles (float8: cast before the all-gather); the embedding,
+    norms and output projection always use the plain ones (they stay in high precision).
     """
+    styles = styles or {}
+    colwise = styles.get("colwise", ColwiseParallel)
+    rowwise = styles.get("rowwise", RowwiseParallel)
+    prepare_input = styles.get("prepare_input", PrepareModuleInput)
     top_plan = {
         "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1), use_local_output=False),
         "norm": SequenceParallel(),
@@ -118,16 +127,16 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, loss_parallel: bool) -> None
     parallelize_module(model, tp_mesh, {k: v for k, v in top_plan.items() if getattr(model, k, None) is not None})
     block_plan = {
         "attention_norm": SequenceParallel(),
-        "attention": PrepareModuleInput(input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None)),
-        "attention.wq": ColwiseParallel(),
-        "attention.wk": ColwiseParallel(),
-        "attention.wv": ColwiseParallel(),
-        "attention.wo": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
+        "attention": prepare_input(input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None)),
+        "attention.wq": colwise(),
+        "attention.wk": colwise(),
+        "attention.wv": colwise(),
+        "attention.wo": rowwise(output_layouts=Shard(1), use_local_output=False),
         "ffn_norm": SequenceParallel(),
-        "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-        "feed_forward.w1": ColwiseParallel(),
-        "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
-        "feed_forward.w3": ColwiseParallel(),
+        "feed_forward": prepare_input(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+        "feed_forward.w1": colwise(),
+        "feed_forward.w2": rowwise(output_layouts=Shard(1), use_local_output=False),
+        "feed_forward.w3": colwise(),
     }
     for block in model.layers.values():
         parallelize_module(block, tp_mesh, block_plan)
@@ -169,6 +178,7 @@ def enable_async_tp(tp_mesh: DeviceMesh) -> None:
 # Ops whose outputs the op-level policy keeps: recomputing them costs the most FLOPs per byte.
 _SAVE_OPS = {
     torch.ops.aten.mm.default,
+    torch.ops.aten._scaled_mm.default,  # float8 matmuls
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
     torch.ops.aten._scaled_dot_product_flash_attention.default,
     torch.ops.aten._scaled_dot_product_cudnn_attention.default,
