@@ -26,6 +26,10 @@ def run(argv: list[str] | None = None) -> None:
         run_estimation_from_launcher(cfg)
         return
     check_dump_folder(cfg.job.dump_folder)
+    # Expandable segments: activations of varying size stop fragmenting the CUDA caching
+    # allocator (fewer OOMs and cudaMalloc retries at the same batch). A user's setting wins.
+    if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ and "PYTORCH_ALLOC_CONF" not in os.environ:
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     from torchtitan.trainer import Trainer  # imported here: config errors and --help need no torch
 
     trainer = Trainer(cfg)

@@ -191,3 +191,18 @@ def test_build_model_args_overrides_without_mutating_flavors():
     assert llama3_configs["debugmodel"].n_layers == 6
     kept = build_model_args("debugmodel", vocab_size=1000, max_seq_len=64)
     assert (kept.n_layers, kept.dim) == (6, 256)
+
+
+def test_pinned_attention_backend_matches_auto_and_mha_override():
+    args = build_model_args("debugmodel_tiny", vocab_size=100, max_seq_len=32, n_kv_heads=4)
+    assert args.n_kv_heads == args.n_heads == 4
+    tokens = torch.randint(0, 100, (2, 32))
+    torch.manual_seed(0)
+    auto = Transformer(args)
+    auto.init_weights()
+    pinned = Transformer(build_model_args("debugmodel_tiny", vocab_size=100, max_seq_len=32, n_kv_heads=4,
+                                          attention_backend="math"))
+    pinned.load_state_dict(auto.state_dict())
+    torch.testing.assert_close(pinned(tokens), auto(tokens), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="attention backend 'flex' is not one of auto, flash"):
+        build_model_args("debugmodel_tiny", vocab_size=100, max_seq_len=32, attention_backend="flex")

@@ -74,7 +74,7 @@ def test_multiplier_never_exceeds_one_and_warmup_starts_above_zero():
         assert 0 < vals[0] < 1 and max(vals) == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("impl", ["foreach", "for-loop", "auto"])
+@pytest.mark.parametrize("impl", ["foreach", "for-loop", "fused", "auto"])
 def test_adamw_implementations_agree(impl):
     torch.manual_seed(0)
     ref_p = torch.nn.Parameter(torch.randn(8, 8))

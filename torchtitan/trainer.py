@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.fsdp import FSDPModule
@@ -22,6 +21,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from torchtitan.components.checkpoint import BlobState, CheckpointManager, ModelState, OptimizerState
 from torchtitan.components.float8 import Float8Training
+from torchtitan.components.loss import cross_entropy
 from torchtitan.components.metrics import MetricsLogger
 from torchtitan.components.optimizer import build_lr_scheduler, build_optimizer
 from torchtitan.components.tokenizer import build_tokenizer
@@ -58,6 +58,28 @@ class TrainState(Stateful):
 
     def load_state_dict(self, sd):
         self.step, self.tokens_seen, self.skipped_steps = sd["step"], sd["tokens_seen"], sd["skipped_steps"]
+
+
+class PendingFiniteCheck:
+    """A step's non-finite flag on its way to the host. On CUDA a non-blocking copy into pinned
+    memory and an event: reading it a step later waits for that step only, never for the work
+    queued since, so the check costs no stall of the device."""
+
+    def __init__(self, step: int, flag: torch.Tensor, loss: torch.Tensor, grad_norm: torch.Tensor):
+        self.step, self.loss, self.grad_norm = step, loss, grad_norm
+        self.event = None
+        if flag.device.type == "cuda":
+            self.flag = torch.empty(flag.shape, dtype=flag.dtype, pin_memory=True)
+            self.flag.copy_(flag, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.flag = flag
+
+    def read(self) -> bool:
+        if self.event is not None:
+            self.event.synchronize()
+        return bool(self.flag.item())
 
 
 class StopRequest:
@@ -114,6 +136,8 @@ class Trainer:
         )
         self.cp = self.build_context_parallel()
         self.float8 = Float8Training(cfg.float8, self.device, self.parallel_dims.fsdp_enabled)
+        self.host_group = self.build_host_group()
+        self.pending_check: PendingFiniteCheck | None = None
         self.pipeline: Pipeline | None = None
         if self.parallel_dims.pp_enabled:
             self.pipeline, self.flops_per_token = self.build_pipeline()
@@ -142,6 +166,13 @@ class Trainer:
         dims.build_mesh(self.device.type)
         return dims
 
+    def build_host_group(self):
+        """Host-side agreements (stop requests) need a CPU group: the default one is gloo on CPU;
+        on CUDA (NCCL) a gloo group beside it."""
+        if self.device.type == "cpu" or torch.distributed.get_world_size() == 1:
+            return None
+        return torch.distributed.new_group(backend="gloo")
+
     def build_context_parallel(self) -> ContextParallel | None:
         if not self.parallel_dims.cp_enabled:
             return None
@@ -162,6 +193,7 @@ class Trainer:
         args = build_model_args(
             cfg.model.flavor, vocab_size=self.tokenizer.n_words, max_seq_len=cfg.training.seq_len,
             n_layers=cfg.model.n_layers, dim=cfg.model.dim, n_kv_heads=cfg.model.n_kv_heads,
+            attention_backend=cfg.model.attention_backend,
         )
         # Built on meta: no memory until the parallel plan has decided what each rank holds.
         with torch.device("meta"):
@@ -282,10 +314,14 @@ class Trainer:
                     self.tighten_comm_timeout()
                 window_losses.append(loss)
                 window_norms.append(grad_norm)
-                if self.metrics.should_log(step):
+                log = self.metrics.should_log(step)
+                save = self.checkpointer.should_save(step, cfg.steps) or (stopping and self.checkpointer.enabled)
+                if log or save or stopping or step == cfg.steps:
+                    self.check_finite()  # this step's result is read or kept: it must be finite
+                if log:
                     losses.append(self.log(step, torch.stack(window_losses).mean(), torch.stack(window_norms).max()))
                     window_losses, window_norms = [], []
-                if self.checkpointer.should_save(step, cfg.steps) or (stopping and self.checkpointer.enabled):
+                if save:
                     self.checkpointer.save(step, final=step == cfg.steps)
                 profiler.step()
                 mem_snapshot.step()
@@ -340,13 +376,16 @@ class Trainer:
             loss_sum = self.forward_backward(batch)
         pp_group = self.parallel_dims.submesh("pp").get_group() if self.pipeline is not None else None
         grad_norm = clip_grad_norm_(self.parameters(), self.cfg.training.max_norm, pp_group=pp_group)
-        not_finite, stopping = self._step_flags(loss_sum, grad_norm, stop_requested)
+        not_finite = self._not_finite_anywhere(loss_sum, grad_norm)
+        stopping = self._stop_requested_anywhere(stop_requested)
         self.checkpointer.wait_for_staging()  # an async save may still be copying what step() mutates
-        if not not_finite:
+        if self.cfg.training.skip_nan_inf and not_finite.item():  # decided now: one host sync per step
+            self._skip_update()
+        else:
+            self.check_finite()  # the previous step's flag, read one step late: no device stall
             self.optimizer.step()
             self.float8.after_optimizer_step(self.model_parts)
-        else:
-            self._handle_not_finite(loss_sum, grad_norm)
+            self.pending_check = PendingFiniteCheck(self.train_state.step, not_finite, loss_sum, grad_norm)
         self.optimizer.zero_grad(set_to_none=True)
         self.lr_scheduler.step()
         self.train_state.tokens_seen += batch.numel() - batch.shape[0]
@@ -399,33 +438,44 @@ class Trainer:
             return inputs, labels, contextlib.nullcontext()
         return self.cp.batch_context(self.model_parts, inputs.contiguous(), labels.contiguous())
 
-    @staticmethod
-    def loss_fn(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
+    def loss_fn(self, logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
         # fp32 cross-entropy whatever the compute dtype: bf16 log-softmax over a 128K vocab loses bits.
-        return F.cross_entropy(logits_BTV.flatten(0, 1).float(), labels_BT.flatten(0, 1))
+        return cross_entropy(logits_BTV, labels_BT, self.cfg.training.loss_chunk_tokens)
 
-    def _step_flags(self, loss: torch.Tensor, grad_norm: torch.Tensor, stop_requested: bool) -> tuple[bool, bool]:
-        """(non-finite anywhere, stop requested anywhere): one max all-reduce, one host sync.
-
-        Every rank must take the same decision, or the next collective would hang.
-        """
-        flags = torch.stack([(~torch.isfinite(loss + grad_norm)).float(),
-                             torch.tensor(float(stop_requested), device=self.device)])
+    def _not_finite_anywhere(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
+        """A device flag, the same on every rank (a MAX all-reduce, no host sync): every rank must
+        take the same decision, or the next collective would hang."""
+        flag = (~torch.isfinite(loss + grad_norm)).to(torch.int32)
         if torch.distributed.get_world_size() > 1:
-            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        not_finite, stopping = flags.tolist()
-        return not_finite > 0, stopping > 0
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return flag
 
-    def _handle_not_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        step = self.train_state.step
-        if not self.cfg.training.skip_nan_inf:
-            raise FloatingPointError(
-                f"loss or grad norm is not finite at step {step} (loss {loss.item()}, grad norm "
-                f"{grad_norm.item()}); lower optimizer.lr, lengthen lr_scheduler.warmup_steps, or set "
-                f"training.skip_nan_inf=true to skip such updates"
-            )
+    def _stop_requested_anywhere(self, requested: bool) -> bool:
+        """SIGTERM or the time limit on any rank stops all: a host-side all-reduce (gloo), which
+        never waits for the device."""
+        if torch.distributed.get_world_size() == 1:
+            return requested
+        flag = torch.tensor([int(requested)])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.host_group)
+        return bool(flag.item())
+
+    def check_finite(self) -> None:
+        """Raise if the last recorded step had a non-finite loss or grad norm (it names that step).
+
+        Called each step for the previous one, and for the current one before anything reads or
+        saves its result (log, checkpoint, end of training)."""
+        pending, self.pending_check = self.pending_check, None
+        if pending is None or not pending.read():
+            return
+        raise FloatingPointError(
+            f"loss or grad norm is not finite at step {pending.step} (loss {pending.loss.item()}, grad norm "
+            f"{pending.grad_norm.item()}); lower optimizer.lr, lengthen lr_scheduler.warmup_steps, or set "
+            f"training.skip_nan_inf=true to skip such updates"
+        )
+
+    def _skip_update(self) -> None:
         self.train_state.skipped_steps += 1
-        logger.warning(f"step {step}: non-finite loss or grad norm, update skipped")
+        logger.warning(f"step {self.train_state.step}: non-finite loss or grad norm, update skipped")
 
     def log(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> float:
         """Log the window's mean loss (over steps and ranks) and its largest grad norm.

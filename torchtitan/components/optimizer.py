@@ -17,8 +17,9 @@ def build_optimizer(cfg: OptimizerConfig, params, device_type: str) -> torch.opt
         raise ValueError(f"optimizer.name {cfg.name!r} is not supported; use one of {sorted(_OPTIMIZERS)}")
     impl = cfg.implementation
     if impl == "auto":
-        # fused is fastest on CUDA; on CPU foreach avoids a per-parameter Python loop.
-        impl = "fused" if device_type == "cuda" else "foreach"
+        # fused: one kernel per parameter on CUDA and CPU. On CPU, foreach decomposes into ~10
+        # elementwise passes per parameter, each an OpenMP region: 4-6x slower (BENCHMARKS.md).
+        impl = "fused" if device_type in ("cuda", "cpu") else "foreach"
     kwargs = dict(
         lr=cfg.lr,
         betas=(cfg.beta1, cfg.beta2),

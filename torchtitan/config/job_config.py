@@ -34,6 +34,9 @@ class Model:
     n_layers: int = opt(0, "Override the flavor's layer count (0 = keep the flavor's)")
     dim: int = opt(0, "Override the flavor's model width (0 = keep the flavor's)")
     n_kv_heads: int = opt(0, "Override the flavor's key/value head count (0 = keep; = n_heads for MHA)")
+    attention_backend: str = opt(
+        "auto", "SDPA kernel: auto (torch picks per call) | flash | cudnn | efficient | math (pinned: no fall-back)"
+    )
 
 
 @dataclass
@@ -73,7 +76,7 @@ class Optimizer:
     eps: float = opt(1e-8, "Adam epsilon")
     weight_decay: float = opt(0.1, "Decoupled weight decay")
     implementation: str = opt(
-        "auto", "fused | foreach | for-loop | auto (fused on CUDA, foreach elsewhere)"
+        "auto", "fused | foreach | for-loop | auto (fused on CUDA and CPU, foreach elsewhere)"
     )
 
 
@@ -102,6 +105,9 @@ class Training:
     )
     seq_len: int = opt(2048, "Tokens per sequence")
     max_norm: float = opt(1.0, "Gradient clipping max norm (<= 0 disables clipping)")
+    loss_chunk_tokens: int = opt(
+        2048, "bf16 logits: the fp32 cross-entropy runs over this many tokens at a time (0 = all at once)"
+    )
     seed: int = opt(0, "Seed for weights init and everything random")
     deterministic: bool = opt(False, "Use deterministic algorithms (slower; bitwise repeatable on CUDA)")
     skip_nan_inf: bool = opt(

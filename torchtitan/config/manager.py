@@ -48,6 +48,7 @@ _CHOICES = {
     "optimizer.implementation": ("auto", "fused", "foreach", "for-loop"),
     "training.mixed_precision_param": ("", "bfloat16", "float32"),
     "float8.recipe_name": ("tensorwise", "rowwise"),
+    "model.attention_backend": ("auto", "flash", "cudnn", "efficient", "math"),
     "parallelism.cp_rotate_method": ("allgather", "alltoall"),
     "parallelism.cp_backend": ("auto", "allgather", "torch"),
 }

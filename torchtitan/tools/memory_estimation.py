@@ -113,6 +113,7 @@ def build_skeleton(cfg: JobConfig):
 
     Built through the Trainer's own methods, so the layout is exactly the trainer's.
     """
+    from torchtitan.components.float8 import Float8Training
     from torchtitan.trainer import Trainer, TrainState, batch_split
 
     t = Trainer.__new__(Trainer)
@@ -124,6 +125,7 @@ def build_skeleton(cfg: JobConfig):
         cfg.training.global_batch_size, cfg.training.local_batch_size, t.parallel_dims.dp
     )
     t.cp = t.build_context_parallel()
+    t.float8 = Float8Training(cfg.float8, t.device, t.parallel_dims.fsdp_enabled)
     t.train_state = TrainState()
     # train_step's bookkeeping, without the metrics logger (no files, no host syncs) and
     # without checkpointing (its hooks in the step, e.g. waiting for an async save, do nothing).
@@ -174,8 +176,10 @@ def fake_batch(t) -> torch.Tensor:
 
 
 def run_train_steps(t, steps: int) -> None:
-    """``Trainer.train_step`` itself; only the finite/stop flags (a host sync) are stubbed out."""
-    t._step_flags = lambda loss, grad_norm, stop: (False, False)
+    """``Trainer.train_step`` itself; only the finite/stop checks (host reads) are stubbed out."""
+    t._stop_requested_anywhere = lambda requested: False
+    t.check_finite = lambda: None
+    t.pending_check = None
     batches = iter([fake_batch(t) for _ in range(steps)])
     for _ in range(steps):
         t.train_step(batches, False)

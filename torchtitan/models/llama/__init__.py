@@ -56,7 +56,8 @@ llama3_configs: dict[str, TransformerModelArgs] = {
 
 
 def build_model_args(
-    flavor: str, vocab_size: int, max_seq_len: int, n_layers: int = 0, dim: int = 0, n_kv_heads: int = 0
+    flavor: str, vocab_size: int, max_seq_len: int, n_layers: int = 0, dim: int = 0, n_kv_heads: int = 0,
+    attention_backend: str = "auto",
 ) -> TransformerModelArgs:
     """Args of `flavor` with the tokenizer's vocab, the training seq_len and overrides (0 = keep)."""
     if flavor not in llama3_configs:
@@ -66,7 +67,7 @@ def build_model_args(
         close = difflib.get_close_matches(flavor.lower(), list(by_lower), n=1)
         hint = f" Did you mean {by_lower[close[0]]!r}?" if close else ""
         raise ValueError(f"Unknown llama3 flavor {flavor!r}.{hint} Valid flavors: {', '.join(valid)}")
-    overrides = {"vocab_size": vocab_size, "max_seq_len": max_seq_len}
+    overrides = {"vocab_size": vocab_size, "max_seq_len": max_seq_len, "attention_backend": attention_backend}
     if n_layers > 0:
         overrides["n_layers"] = n_layers
     if dim > 0:

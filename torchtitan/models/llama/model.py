@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 @dataclass
@@ -45,6 +46,7 @@ class TransformerModelArgs:
     rope_scaling: Optional[RoPEScalingArgs] = None  # None = plain RoPE
     max_seq_len: int = 8192  # length of the precomputed RoPE table
     depth_init: bool = True  # scale output-projection init by layer depth
+    attention_backend: str = "auto"  # SDPA kernel: auto | flash | cudnn | efficient | math
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -55,6 +57,10 @@ class TransformerModelArgs:
             raise ValueError(f"n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}")
         if self.head_dim % 2 != 0:
             raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+        if self.attention_backend not in SDPA_BACKENDS:
+            raise ValueError(
+                f"attention backend {self.attention_backend!r} is not one of {', '.join(SDPA_BACKENDS)}"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -143,11 +149,30 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
 
+# "auto" lets torch pick per call (flash, then memory-efficient, then math on CUDA; a fused
+# flash kernel on CPU). Pinning one makes an unsupported shape or dtype an error instead of
+# a silent fall-back to the slow math kernel.
+SDPA_BACKENDS = {
+    "auto": None,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+
+
 class CausalSDPA(nn.Module):
     """Causal scaled-dot-product attention; a module so a parallel plan can swap it (context parallel)."""
 
+    def __init__(self, backend: str = "auto"):
+        super().__init__()
+        self.backend = SDPA_BACKENDS[backend]
+
     def forward(self, q_BHTE: torch.Tensor, k_BHTE: torch.Tensor, v_BHTE: torch.Tensor) -> torch.Tensor:
-        return F.scaled_dot_product_attention(q_BHTE, k_BHTE, v_BHTE, is_causal=True)
+        if self.backend is None:
+            return F.scaled_dot_product_attention(q_BHTE, k_BHTE, v_BHTE, is_causal=True)
+        with sdpa_kernel(self.backend):
+            return F.scaled_dot_product_attention(q_BHTE, k_BHTE, v_BHTE, is_causal=True)
 
 
 class Attention(nn.Module):
@@ -162,7 +187,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
-        self.sdpa = CausalSDPA()
+        self.sdpa = CausalSDPA(args.attention_backend)
 
     def init_weights(self, init_std: float):
         for linear in (self.wq, self.wk, self.wv):
@@ -179,8 +204,8 @@ class Attention(nn.Module):
         k_BTKE = apply_rotary_emb(k_BTKE, freqs_cis)
         # Query head h reads kv head h // n_rep (same grouping as Meta and HF repeat_kv).
         n_rep = self.n_heads // self.n_kv_heads
-        k_BTHE = k_BTKE.repeat_interleave(n_rep, dim=2)
-        v_BTHE = v_BTKE.repeat_interleave(n_rep, dim=2)
+        k_BTHE = k_BTKE.repeat_interleave(n_rep, dim=2) if n_rep > 1 else k_BTKE  # MHA: no copy
+        v_BTHE = v_BTKE.repeat_interleave(n_rep, dim=2) if n_rep > 1 else v_BTKE
         out_BHTE = self.sdpa(q_BTHE.transpose(1, 2), k_BTHE.transpose(1, 2), v_BTHE.transpose(1, 2))
         return self.wo(out_BHTE.transpose(1, 2).reshape(B, T, -1))
 
