@@ -9,17 +9,11 @@ peak on known GPUs; on CPU it uses the measured fp32 matmul peak of this machine
 """
 
 import argparse
-import json
 import os
-import subprocess
-import sys
-import tempfile
-import time
-from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from common import measured_matmul_flops, run_train
 
 CASES = {  # model -> (seq_len, global batch)
     "debugmodel": (512, 8),
@@ -27,41 +21,16 @@ CASES = {  # model -> (seq_len, global batch)
 }
 
 
-def measured_matmul_flops(n: int = 2048, dtype=torch.float32, repeats: int = 5) -> float:
-    """Best FLOP/s of an n x n matmul on this device: the practical peak for MFU on CPU."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        a @ b
-        if device == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
-
-
 def run_case(model: str, steps: int, extra: list[str], peak: float | None) -> dict:
     seq_len, batch = CASES[model]
-    log_freq = max(1, steps // 2)
-    with tempfile.TemporaryDirectory() as dump:
-        cmd = [
-            sys.executable, str(REPO / "train.py"),
-            "--job.config_file", str(REPO / "train_configs/debug_model.toml"),
-            "--job.dump_folder", dump, "--model.flavor", model,
-            "--training.steps", str(steps), "--training.seq_len", str(seq_len),
-            "--training.global_batch_size", str(batch), "--metrics.log_freq", str(log_freq),
-            *(["--metrics.peak_flops", str(peak)] if peak else []), *extra,
-        ]
-        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(os.cpu_count())))
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if proc.returncode:
-            raise SystemExit(f"{model} failed:\n{proc.stderr[-3000:]}")
-        records = [json.loads(x) for x in Path(dump, "metrics.jsonl").read_text().splitlines()]
-    return records[-1]
+    overrides = [
+        "--model.flavor", model, "--training.seq_len", str(seq_len), "--training.global_batch_size", str(batch),
+        *(["--metrics.peak_flops", str(peak)] if peak else []), *extra,
+    ]
+    record = run_train(overrides, steps, log_freq=max(1, steps // 2))
+    if "error" in record:
+        raise SystemExit(f"{model} failed: {record['error']}")
+    return record
 
 
 def main() -> None:

@@ -190,8 +190,14 @@ class Trainer:
         cfg = self.cfg
         if cfg.model.name != "llama3":
             raise ValueError(f"model.name {cfg.model.name!r} is not available; this build has 'llama3'")
+        vocab_size = cfg.model.vocab_size or self.tokenizer.n_words
+        if vocab_size < self.tokenizer.n_words:
+            raise ValueError(
+                f"model.vocab_size={vocab_size} is smaller than the tokenizer's {self.tokenizer.n_words} tokens; "
+                "use 0 (the tokenizer's size) or a larger value"
+            )
         args = build_model_args(
-            cfg.model.flavor, vocab_size=self.tokenizer.n_words, max_seq_len=cfg.training.seq_len,
+            cfg.model.flavor, vocab_size=vocab_size, max_seq_len=cfg.training.seq_len,
             n_layers=cfg.model.n_layers, dim=cfg.model.dim, n_kv_heads=cfg.model.n_kv_heads,
             attention_backend=cfg.model.attention_backend,
         )

@@ -34,6 +34,10 @@ class Model:
     n_layers: int = opt(0, "Override the flavor's layer count (0 = keep the flavor's)")
     dim: int = opt(0, "Override the flavor's model width (0 = keep the flavor's)")
     n_kv_heads: int = opt(0, "Override the flavor's key/value head count (0 = keep; = n_heads for MHA)")
+    vocab_size: int = opt(
+        0, "Embedding/output rows (0 = the tokenizer's); larger pads the vocab, e.g. 128256 to benchmark "
+        "a Llama 3 shape with a small tokenizer"
+    )
     attention_backend: str = opt(
         "auto", "SDPA kernel: auto (torch picks per call) | flash | cudnn | efficient | math (pinned: no fall-back)"
     )
