@@ -50,7 +50,6 @@ import argparse
 import json
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -134,12 +133,6 @@ def ensure_venv(root: Path, version: str, wheels: str | None) -> Path:
     return python
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_ours(args, assets: dict, env: dict) -> dict:
     with tempfile.TemporaryDirectory(prefix="vs_tt_ours_") as dump:
         cmd = [sys.executable, str(REPO / "train.py"), 
@@ -165,13 +158,22 @@ def run_ours(args, assets: dict, env: dict) -> dict:
                 step=last["step"], log=log)
 
 
+def ours_free_port() -> int:
+    # Imported here, not at the top: this file is also the child that runs inside torchtitan's
+    # venv, where our package must never shadow theirs (both are named torchtitan).
+    sys.path.insert(0, str(REPO))
+    from torchtitan.parallelisms.utils import free_port
+
+    return free_port()
+
+
 def run_theirs(args, python: Path, assets: dict, env: dict, run_dir: Path) -> dict:
     with tempfile.TemporaryDirectory(prefix="vs_tt_theirs_") as dump:
         spec = dict(device=args.device, steps=args.steps, log_freq=args.log_freq, ac=args.ac, compile=args.compile,
                     param_dtype=args.param_dtype, optim_impl=args.optim_impl, tokenizer=assets["hf_tokenizer"],
                     data=assets["data_dir"], dump=dump)
         env = dict(env, VS_TT_SPEC=json.dumps(spec), LOCAL_RANK="0", RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), HF_HUB_OFFLINE="1",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(ours_free_port()), HF_HUB_OFFLINE="1",
                    HF_DATASETS_OFFLINE="1", HF_DATASETS_CACHE=str(run_dir / "hf_datasets_cache"),
                    WANDB_MODE="disabled")
         proc = subprocess.run([str(python), "-P", str(Path(__file__).resolve()), "--child"],

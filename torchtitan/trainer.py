@@ -217,7 +217,7 @@ class Trainer:
         model = parallelize_llama(
             model, self.parallel_dims, cfg.activation_checkpoint, cfg.compile,
             parallelism=cfg.parallelism, training=cfg.training, experimental=cfg.experimental,
-            tp_styles=self.float8.tp_styles() if self.float8.enabled else None,
+            tp_styles=self.float8.tp_styles(),
         )
         # FSDP CPU offload keeps the sharded parameters in host memory.
         offload = cfg.training.enable_cpu_offload and self.parallel_dims.fsdp_enabled

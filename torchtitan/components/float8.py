@@ -128,18 +128,16 @@ class Float8Training:
             )
         return model
 
-    def tp_styles(self) -> dict:
-        """ColwiseParallel / RowwiseParallel / PrepareModuleInput to use for the blocks under TP.
+    def tp_styles(self) -> dict | None:
+        """Float8 TP styles for the blocks' colwise / rowwise / prepare_input, or None for the plain ones.
 
         Tensorwise on GPU: torchao's float8 styles, which cast before the all-gather so TP
         communicates float8. Rowwise (torchao has no rowwise float8 TP), and on CPU (gloo has no
         float8 dtype): the plain styles; the matmuls still run in float8, the TP collectives in
         high precision.
         """
-        from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel
-
         if not self.tensorwise or self.device_type == "cpu":
-            return {"colwise": ColwiseParallel, "rowwise": RowwiseParallel, "prepare_input": PrepareModuleInput}
+            return None
         from torchao.float8.float8_tensor_parallel import (
             Float8ColwiseParallel,
             Float8RowwiseParallel,
