@@ -5,6 +5,7 @@
 """
 
 import dataclasses
+import typing
 import sys
 from pathlib import Path
 
@@ -26,8 +27,12 @@ def reference() -> str:
     for section in dataclasses.fields(cfg):
         lines += [f"**[{section.name}]**", "", "| key | default | meaning |", "|---|---|---|"]
         obj = getattr(cfg, section.name)
+        hints = typing.get_type_hints(type(obj))
         for f in dataclasses.fields(obj):
-            text = f.metadata.get("help", "").replace("|", "/")
+            text = f.metadata.get("help", "")
+            if typing.get_origin(hints[f.name]) is typing.Literal:  # the one declaration of the allowed values
+                text += " (one of " + ", ".join(f"`{_default(a)}`" for a in typing.get_args(hints[f.name])) + ")"
+            text = text.replace("|", "/")
             lines.append(f"| `{f.name}` | `{_default(getattr(obj, f.name))}` | {text} |")
         lines.append("")
     return "\n".join(lines)

@@ -17,12 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from torchtitan.components.weight_conversion import (  # noqa: E402
-    DTYPES,
-    load_meta_checkpoint,
-    match_flavor,
-    save_dcp,
-)
+from torchtitan.components.weight_conversion import DTYPES, save_dcp  # noqa: E402
+from torchtitan.models.llama.meta_checkpoint import load_meta_checkpoint, match_flavor  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

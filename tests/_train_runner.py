@@ -66,13 +66,13 @@ def _arm_nan(step: int) -> None:
     original = Trainer.train_step
 
     def step_with_nan(self, *a, **kw):
-        loss_fn = self.loss_fn
+        loss_fn = self.step_fn.loss_fn
         if self.train_state.step == step:  # the loop has already counted this step
-            self.loss_fn = lambda logits, labels: loss_fn(logits, labels) * float("nan")
+            self.step_fn.loss_fn = lambda logits, labels: loss_fn(logits, labels) * float("nan")
         try:
             return original(self, *a, **kw)
         finally:
-            self.loss_fn = loss_fn
+            self.step_fn.loss_fn = loss_fn
 
     Trainer.train_step = step_with_nan
 

@@ -23,11 +23,10 @@ from torchtitan.components.weight_conversion import (
     load_dcp_model_state,
     load_hf_checkpoint,
     match_flavor,
-    merge_meta_shards,
-    meta_params_to_args,
     save_dcp,
     save_hf_checkpoint,
 )
+from torchtitan.models.llama.meta_checkpoint import merge_meta_shards, meta_params_to_args
 from torchtitan.models.llama import RoPEScalingArgs, Transformer, TransformerModelArgs, build_model_args
 from torchtitan.models.llama.hf_mapping import to_hf_config
 from tests.test_model import _small_args as _parity_args

@@ -16,7 +16,7 @@ import torch
 
 from tests.parallel_utils import REPO, assert_losses_match, read_losses, tiny_overrides, torchrun
 from torchtitan.models.llama.model import Transformer, TransformerModelArgs
-from torchtitan.parallelisms import pipeline_llama as ppl
+from torchtitan.parallelisms import pipeline as ppl
 
 STEPS = 4
 

@@ -5,7 +5,6 @@ tokenizer -> data -> model on the meta device -> parallelize -> materialize and
 init -> optimizer -> lr schedule -> checkpoint load -> metrics.
 """
 
-import contextlib
 import gc
 import os
 import signal
@@ -15,26 +14,21 @@ from dataclasses import dataclass
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
-from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor
-from torch.distributed.tensor.parallel import loss_parallel
 
 from torchtitan.components.checkpoint import BlobState, CheckpointManager, ModelState, OptimizerState
 from torchtitan.components.float8 import Float8Training
-from torchtitan.components.loss import cross_entropy
 from torchtitan.components.metrics import MetricsLogger
+from torchtitan.components.model_builder import BuiltModel, ModelBuilder
 from torchtitan.components.optimizer import build_lr_scheduler, build_optimizer
 from torchtitan.components.tokenizer import build_tokenizer
+from torchtitan.components.train_step import ForwardBackward
 from torchtitan.components.weight_conversion import save_hf_checkpoint
 from torchtitan.config.job_config import JobConfig
+from torchtitan.config.job_config import Parallelism as ParallelismConfig
 from torchtitan.config.manager import dump_config
 from torchtitan.datasets.dataloader import build_dataloader
-from torchtitan.models.llama import Transformer, build_model_args, get_nparams_and_flops
-from torchtitan.models.llama.parallelize import parallelize_llama
-from torchtitan.parallelisms.init import init_model_weights
 from torchtitan.parallelisms.context_parallel import ContextParallel
 from torchtitan.parallelisms.parallel_dims import ParallelDims
-from torchtitan.parallelisms.pipeline_llama import Pipeline, pipeline_llama
 from torchtitan.parallelisms.utils import (
     clip_grad_norm_,
     dist_reduce,
@@ -97,11 +91,6 @@ class StopRequest:
         return self.signalled or (self.deadline is not None and time.monotonic() > self.deadline)
 
 
-def plain_loss(loss: torch.Tensor) -> torch.Tensor:
-    """loss_parallel returns the loss as a replicated DTensor: the same value as a plain tensor."""
-    return loss.full_tensor() if isinstance(loss, DTensor) else loss
-
-
 def batch_split(global_bs: int, local_bs: int, dp: int) -> tuple[int, int]:
     """(local batch, gradient accumulation steps) from the global and local batch sizes."""
     if global_bs % dp:
@@ -116,6 +105,20 @@ def batch_split(global_bs: int, local_bs: int, dp: int) -> tuple[int, int]:
             f"data-parallel degree {dp}; gradient accumulation is global / (local x dp)"
         )
     return local_bs, global_bs // (local_bs * dp)
+
+
+def build_parallel_dims(p: ParallelismConfig, device_type: str) -> ParallelDims:
+    """The degrees of ``[parallelism]`` checked against the world size, and the one mesh."""
+    dims = ParallelDims(p.dp_replicate, p.dp_shard, p.cp, p.tp, p.pp, torch.distributed.get_world_size(), ep=p.ep)
+    dims.build_mesh(device_type)
+    return dims
+
+
+def build_context_parallel(cfg: JobConfig, dims: ParallelDims, device_type: str) -> ContextParallel | None:
+    if not dims.cp_enabled:
+        return None
+    p = cfg.parallelism
+    return ContextParallel(dims.submesh("cp"), cfg.training.seq_len, p.cp_backend, p.cp_rotate_method, device_type)
 
 
 class Trainer:
@@ -138,15 +141,14 @@ class Trainer:
         self.float8 = Float8Training(cfg.float8, self.device, self.parallel_dims.fsdp_enabled)
         self.host_group = self.build_host_group()
         self.pending_check: PendingFiniteCheck | None = None
-        self.pipeline: Pipeline | None = None
-        if self.parallel_dims.pp_enabled:
-            self.pipeline, self.flops_per_token = self.build_pipeline()
-            self.model_parts = self.pipeline.model_parts
-            self.model = None  # no rank holds the whole model: use model_parts
-        else:
-            self.model, self.flops_per_token = self.build_model()
-            self.model_parts = [self.model]
-        self.autocast = self.build_autocast()
+        self.step_fn = ForwardBackward(
+            cfg.training, self.parallel_dims, self.device, self.cp, self.local_bs, self.accum_steps,
+            cfg.parallelism.loss_parallel,
+        )
+        self.built = self.build_model()
+        self.step_fn.attach(self.built)
+        self.model_parts = self.built.parts
+        self.flops_per_token = self.built.flops_per_token
         self.optimizer = build_optimizer(cfg.optimizer, self.parameters(), self.device.type)
         self.lr_scheduler = build_lr_scheduler(cfg.lr_scheduler, self.optimizer, cfg.training.steps)
         self.train_state = TrainState()
@@ -161,10 +163,7 @@ class Trainer:
         return torch.distributed.get_rank()
 
     def build_parallel_dims(self) -> ParallelDims:
-        p = self.cfg.parallelism
-        dims = ParallelDims(p.dp_replicate, p.dp_shard, p.cp, p.tp, p.pp, torch.distributed.get_world_size())
-        dims.build_mesh(self.device.type)
-        return dims
+        return build_parallel_dims(self.cfg.parallelism, self.device.type)
 
     def build_host_group(self):
         """Host-side agreements (stop requests) need a CPU group: the default one is gloo on CPU;
@@ -174,99 +173,16 @@ class Trainer:
         return torch.distributed.new_group(backend="gloo")
 
     def build_context_parallel(self) -> ContextParallel | None:
-        if not self.parallel_dims.cp_enabled:
-            return None
-        p = self.cfg.parallelism
-        return ContextParallel(
-            self.parallel_dims.submesh("cp"), self.cfg.training.seq_len, p.cp_backend, p.cp_rotate_method,
-            self.device.type,
-        )
+        return build_context_parallel(self.cfg, self.parallel_dims, self.device.type)
 
-    def build_model(self) -> tuple[torch.nn.Module, float]:
-        model, flops_per_token = self.build_meta_model()
-        return self.parallelize_and_init(model), flops_per_token
-
-    def build_meta_model(self) -> tuple[torch.nn.Module, float]:
-        cfg = self.cfg
-        if cfg.model.name != "llama3":
-            raise ValueError(f"model.name {cfg.model.name!r} is not available; this build has 'llama3'")
-        vocab_size = cfg.model.vocab_size or self.tokenizer.n_words
-        if vocab_size < self.tokenizer.n_words:
-            raise ValueError(
-                f"model.vocab_size={vocab_size} is smaller than the tokenizer's {self.tokenizer.n_words} tokens; "
-                "use 0 (the tokenizer's size) or a larger value"
-            )
-        args = build_model_args(
-            cfg.model.flavor, vocab_size=vocab_size, max_seq_len=cfg.training.seq_len,
-            n_layers=cfg.model.n_layers, dim=cfg.model.dim, n_kv_heads=cfg.model.n_kv_heads,
-            attention_backend=cfg.model.attention_backend,
-        )
-        # Built on meta: no memory until the parallel plan has decided what each rank holds.
-        with torch.device("meta"):
-            model = Transformer(args)
-        nparams, flops_per_token = get_nparams_and_flops(model, args, cfg.training.seq_len)
-        self.float8.convert(model)  # before the parallel plan: TP, compile and FSDP see float8 modules
-        logger.info(f"model {cfg.model.name} {cfg.model.flavor}: {nparams:,} params, {args}")
-        return model, flops_per_token
-
-    def parallelize_and_init(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Meta model (or pipeline stage part) -> parallelized, materialized, seeded init."""
-        cfg, args = self.cfg, model.model_args
-        if self.cp is not None:  # swaps attention modules: before FSDP wraps the blocks
-            self.cp.prepare_model(model)
-        model = parallelize_llama(
-            model, self.parallel_dims, cfg.activation_checkpoint, cfg.compile,
-            parallelism=cfg.parallelism, training=cfg.training, experimental=cfg.experimental,
-            tp_styles=self.float8.tp_styles(),
-        )
-        # FSDP CPU offload keeps the sharded parameters in host memory.
-        offload = cfg.training.enable_cpu_offload and self.parallel_dims.fsdp_enabled
-        model.to_empty(device="cpu" if offload else self.device)
-        # The same seed gives the same weights however the model is laid out (see init.py).
-        init_model_weights(model, args, cfg.training.seed, self.device)
-        if self.cp is not None:
-            self.cp.after_init(model)  # keep the RoPE rows of this rank's positions
-        model.train()
-        return model
-
-    def build_pipeline(self) -> tuple[Pipeline, float]:
-        """Split the meta model into this rank's pipeline stages; each part goes through
-        ``parallelize_and_init`` like a whole model, so PP composes with TP and FSDP."""
-        model, flops_per_token = self.build_meta_model()
-
-        def scaled_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
-            # The schedule sums microbatch losses (scale_grads=False): divide so that the sum over
-            # microbatches and accumulation steps is the mean over this rank's rows, as without PP.
-            return self.loss_fn(logits_BTV, labels_BT) / (self.pipeline.n_microbatches * self.accum_steps)
-
-        pipeline = pipeline_llama(
-            model, self.parallel_dims, self.cfg.parallelism, self.local_bs, self.device,
-            scaled_loss, self.parallelize_and_init,
-        )
-        return pipeline, flops_per_token
+    def build_model(self) -> BuiltModel:
+        """The registered family's model (or this rank's pipeline stages), parallelized and initialized."""
+        builder = ModelBuilder(self.cfg, self.parallel_dims, self.device, self.cp, self.float8)
+        return builder.build(self.tokenizer.n_words, self.local_bs, self.step_fn.pipeline_loss)
 
     def parameters(self) -> list[torch.nn.Parameter]:
         """Every parameter this rank holds (all pipeline stage parts)."""
         return [p for part in self.model_parts for p in part.parameters()]
-
-    def build_autocast(self):
-        """bf16 compute without FSDP: autocast (FSDP's MixedPrecisionPolicy does it when sharding)."""
-        dtype = self.cfg.training.mixed_precision_param or ("bfloat16" if self.device.type == "cuda" else "float32")
-        if dtype == "float32" or self.parallel_dims.fsdp_enabled:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=getattr(torch, dtype))
-
-    def loss_context(self):
-        """With TP loss_parallel the logits are vocab-sharded DTensors: the cross-entropy and its
-        backward must both run inside ``loss_parallel()``."""
-        if self.parallel_dims.tp_enabled and self.cfg.parallelism.loss_parallel:
-            return loss_parallel()
-        return contextlib.nullcontext()
-
-    def set_gradient_sync(self, enabled: bool) -> None:
-        """FSDP: reduce-scatter only on the last microbatch (gradients accumulate unsharded)."""
-        if isinstance(self.model, FSDPModule):
-            self.model.set_requires_gradient_sync(enabled)
 
     def build_checkpointer(self) -> CheckpointManager:
         config_path = dump_config(self.cfg, self.cfg.job.dump_folder) if self.rank == 0 else None
@@ -348,7 +264,7 @@ class Trainer:
             logger.info(f"collective timeout set to {seconds}s after the first step")
 
     def export_hf(self, folder: str) -> None:
-        """Write the trained model as a HF Llama folder (collective: every rank calls it, rank 0 writes).
+        """Write the trained model as a Hugging Face folder of its family (collective: every rank calls it, rank 0 writes).
 
         FSDP/TP shards are gathered into full tensors; pipeline stages are gathered to rank 0
         (only the first rank of each stage sends, the other ranks hold copies).
@@ -366,7 +282,7 @@ class Trainer:
             sd = {k: v for part in parts for k, v in part.items()} if self.rank == 0 else {}
         if self.rank == 0:
             path = os.path.join(self.cfg.job.dump_folder, folder)  # an absolute `folder` wins
-            save_hf_checkpoint(sd, self.model_parts[0].model_args, path)
+            save_hf_checkpoint(sd, self.built.args, path)
             logger.info(f"exported the model in Hugging Face format to {path}")
         if torch.distributed.get_world_size() > 1:
             torch.distributed.barrier()
@@ -376,11 +292,8 @@ class Trainer:
         t0 = time.perf_counter()
         batch = next(data_iter)  # this rank's rows of the global batch: [G/dp, seq_len + 1]
         self.metrics.counters.data_seconds += time.perf_counter() - t0
-        if self.pipeline is not None:
-            loss_sum = self.pipeline_forward_backward(batch)
-        else:
-            loss_sum = self.forward_backward(batch)
-        pp_group = self.parallel_dims.submesh("pp").get_group() if self.pipeline is not None else None
+        loss_sum = self.step_fn(batch)
+        pp_group = self.parallel_dims.submesh("pp").get_group() if self.parallel_dims.pp_enabled else None
         grad_norm = clip_grad_norm_(self.parameters(), self.cfg.training.max_norm, pp_group=pp_group)
         not_finite = self._not_finite_anywhere(loss_sum, grad_norm)
         stopping = self._stop_requested_anywhere(stop_requested)
@@ -398,55 +311,6 @@ class Trainer:
         self.metrics.counters.tokens += batch.numel() - batch.shape[0]
         self.metrics.counters.steps += 1
         return loss_sum, grad_norm, stopping
-
-    def forward_backward(self, batch: torch.Tensor) -> torch.Tensor:
-        """Forward and backward over this rank's rows, local_bs at a time; returns their mean loss."""
-        loss_sum = torch.zeros((), device=self.device)
-        micros = batch.split(self.local_bs)
-        for i, micro in enumerate(micros):
-            self.set_gradient_sync(i == len(micros) - 1)
-            micro = micro.to(self.device, non_blocking=True)
-            inputs, labels, cp_context = self.context_parallel_split(micro)
-            with cp_context:
-                with self.autocast:
-                    logits = self.model(inputs)
-                with self.loss_context():
-                    loss = self.loss_fn(logits, labels) / self.accum_steps
-                    del logits  # drop our reference before backward: autograd keeps only what it needs
-                    loss.backward()
-            loss_sum += plain_loss(loss.detach())
-        return loss_sum
-
-    def pipeline_forward_backward(self, batch: torch.Tensor) -> torch.Tensor:
-        """The schedule runs once per local batch (n_microbatches each; more calls = gradient
-        accumulation). Returns the mean loss over this rank's rows on every pp rank."""
-        pipe = self.pipeline
-        loss_sum = torch.zeros((), device=self.device)
-        for chunk in batch.split(self.local_bs):
-            chunk = chunk.to(self.device, non_blocking=True)
-            inputs, labels, cp_context = self.context_parallel_split(chunk)
-            args = (inputs,) if pipe.has_first_stage else ()
-            target = labels if pipe.has_last_stage else None
-            losses = []  # scaled microbatch losses; the schedule fills it on the last stage only
-            # loss_context wraps the whole step: loss and backward both run inside the schedule.
-            with cp_context, self.autocast, self.loss_context():
-                pipe.schedule.step(*args, target=target, losses=losses, return_outputs=False)
-            for loss in losses:
-                loss_sum += plain_loss(loss.detach())
-        # Only the last stage has the loss: a sum over pp (others add 0) gives it to every rank.
-        torch.distributed.all_reduce(loss_sum, group=self.parallel_dims.submesh("pp").get_group())
-        return loss_sum
-
-    def context_parallel_split(self, rows: torch.Tensor):
-        """(inputs, labels, context) of [B, seq_len + 1] rows: with CP, this rank's share of the sequence."""
-        inputs, labels = rows[:, :-1], rows[:, 1:]
-        if self.cp is None:
-            return inputs, labels, contextlib.nullcontext()
-        return self.cp.batch_context(self.model_parts, inputs.contiguous(), labels.contiguous())
-
-    def loss_fn(self, logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
-        # fp32 cross-entropy whatever the compute dtype: bf16 log-softmax over a 128K vocab loses bits.
-        return cross_entropy(logits_BTV, labels_BT, self.cfg.training.loss_chunk_tokens)
 
     def _not_finite_anywhere(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
         """A device flag, the same on every rank (a MAX all-reduce, no host sync): every rank must

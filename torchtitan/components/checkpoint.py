@@ -58,12 +58,13 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.checkpoint.stateful import Stateful
 
 from torchtitan.config.job_config import Checkpoint as CheckpointConfig
+from torchtitan.config.job_config import choices
 from torchtitan.tools.logging import logger
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-ASYNC_MODES = ("disabled", "async", "async_with_pinned_mem")
-INTERVAL_TYPES = ("steps", "seconds")
-EXPORT_DTYPES = ("float32", "bfloat16", "float16")
+ASYNC_MODES = choices(CheckpointConfig, "async_mode")
+INTERVAL_TYPES = choices(CheckpointConfig, "interval_type")
+EXPORT_DTYPES = choices(CheckpointConfig, "export_dtype")
 # DCP raises CheckpointException, a BaseException: `except Exception` alone would miss it.
 _ERRORS = (Exception, CheckpointException)
 

@@ -1,15 +1,16 @@
-"""Weight conversion between our DCP checkpoints, Meta's original Llama 3 format and HF Llama.
+"""Weight conversion between our DCP checkpoints and Hugging Face folders, for every registered family.
 
-Every path goes through our state dict (FQNs such as ``layers.0.attention.wq.weight``, Meta's
-interleaved RoPE layout) plus a ``TransformerModelArgs``:
+Every path goes through our state dict (FQNs such as ``layers.0.attention.wq.weight``) plus the
+family's args; the family (``ModelSpec``) is found from the args' type, config.json's
+``model_type`` or a training run's ``model.name``:
 
-    Meta consolidated.NN.pth + params.json --load_meta_checkpoint-->  ours  --save_dcp--> DCP
-    HF *.safetensors + config.json         --load_hf_checkpoint---->  ours  <--load_dcp_model_state-- DCP
+    HF *.safetensors + config.json  --load_hf_checkpoint---->  ours  <--load_dcp_model_state-- DCP
     ours --save_hf_checkpoint--> model.safetensors (+ index) + config.json
+    ours --save_dcp--> DCP + model_args.json (the family's name and args)
 
-Nothing here needs a process group: DCP reads and writes on one process. Nothing unpickles
-without restriction: ``.pth`` shards go through ``torch.load(weights_only=True)`` and DCP
-reads go through ``SafeLoadPlanner``. The scripts in ``scripts/convert_*.py`` wrap this module.
+Llama's original Meta format is Llama's own (``models/llama/meta_checkpoint.py``). Nothing here
+needs a process group: DCP reads and writes on one process. Nothing unpickles without
+restriction: DCP reads go through ``SafeLoadPlanner``.
 """
 
 import dataclasses
@@ -23,114 +24,49 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from torchtitan.components.checkpoint import SafeFileSystemReader, SafeLoadPlanner
-from torchtitan.models.llama import (
-    RoPEScalingArgs,
-    Transformer,
-    TransformerModelArgs,
-    compute_ffn_hidden_dim,
-    llama3_configs,
-)
-from torchtitan.models.llama.hf_mapping import from_hf_state_dict, to_hf_config, to_hf_state_dict
+from torchtitan.models.registry import ModelSpec, get_spec, registered, spec_for_hf_model_type
 
 MODEL_ARGS_FILE = "model_args.json"  # written beside converted DCP weights: export needs no flavor
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _DEFAULT_MAX_SEQ_LEN = 8192  # RoPE table length when the source does not say (a training run sets its own)
 
+_DEFAULT_FAMILY = "llama3"  # model_args.json files written before families had names
+_DEFAULT_MAX_SEQ_LEN = 8192  # RoPE table length when the source does not say (a training run sets its own)
+
 # ----------------------------------------------------------------------------- model args
 
 
-def model_args_to_dict(args: TransformerModelArgs) -> dict:
-    return dataclasses.asdict(args)
+def spec_of(args) -> ModelSpec:
+    """The registered family whose args class ``args`` is."""
+    for spec in registered().values():
+        if isinstance(args, spec.args_cls):
+            return spec
+    raise ValueError(f"{type(args).__name__} is not the args class of any registered model family")
 
 
-def model_args_from_dict(d: dict) -> TransformerModelArgs:
+def model_args_to_dict(args) -> dict:
+    return {"model_name": spec_of(args).name, **dataclasses.asdict(args)}
+
+
+def model_args_from_dict(d: dict):
     d = dict(d)
-    if d.get("rope_scaling") is not None:
-        d["rope_scaling"] = RoPEScalingArgs(**d["rope_scaling"])
-    return TransformerModelArgs(**d)
+    return get_spec(d.pop("model_name", _DEFAULT_FAMILY)).args_from(d)
 
 
-def match_flavor(args: TransformerModelArgs) -> Optional[str]:
-    """The flavor with these shapes and RoPE settings (vocab and max_seq_len ignored), or None."""
-    for name, flavor in llama3_configs.items():
-        if _shape_key(flavor) == _shape_key(args):
-            return name
-    return None
+def match_flavor(args) -> Optional[str]:
+    """The flavor of the args' family with these shapes (vocab and max_seq_len ignored), or None."""
+    return spec_of(args).match_flavor(args)
 
 
-def _shape_key(a: TransformerModelArgs) -> tuple:
-    return (a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.ffn_hidden_dim, a.norm_eps, a.rope_theta, a.rope_scaling)
+def hf_config_to_args(config: dict):
+    """config.json -> the args of the family that reads its ``model_type``."""
+    return spec_for_hf_model_type(config.get("model_type", "")).hf.config_to_args(config)
 
 
-def meta_params_to_args(
-    params: dict, max_seq_len: int = _DEFAULT_MAX_SEQ_LEN, rope_scaling_factor: Optional[float] = None
-) -> TransformerModelArgs:
-    """Meta's params.json -> our args.
-
-    params.json says only ``use_scaled_rope``; the factor lives in Meta's code (8 for Llama 3.1,
-    32 for 3.2). Order: ``rope_scaling_factor`` argument, then params.json's own
-    ``rope_scaling_factor``, then the matching flavor's, then 8.
-    """
-    args = TransformerModelArgs(
-        dim=params["dim"], n_layers=params["n_layers"], n_heads=params["n_heads"],
-        n_kv_heads=params.get("n_kv_heads"), vocab_size=params["vocab_size"],
-        multiple_of=params.get("multiple_of", 256), ffn_dim_multiplier=params.get("ffn_dim_multiplier"),
-        norm_eps=params.get("norm_eps", 1e-5), rope_theta=float(params.get("rope_theta", 500000.0)),
-        max_seq_len=max_seq_len,
-    )  # fmt: skip
-    if not params.get("use_scaled_rope", False):
-        return args
-    factor = rope_scaling_factor or params.get("rope_scaling_factor")
-    if factor is None:
-        for scaling in (s for s in (f.rope_scaling for f in llama3_configs.values()) if s is not None):
-            if match_flavor(dataclasses.replace(args, rope_scaling=scaling)) is not None:
-                return dataclasses.replace(args, rope_scaling=scaling)
-        factor = 8.0
-    return dataclasses.replace(args, rope_scaling=RoPEScalingArgs(factor=float(factor)))
-
-
-def hf_config_to_args(config: dict) -> TransformerModelArgs:
-    """HF LlamaConfig (config.json; transformers 4.x ``rope_scaling`` or 5.x ``rope_parameters``) -> ours."""
-    if config.get("hidden_act", "silu") != "silu" or config.get("attention_bias") or config.get("mlp_bias"):
-        raise ValueError("only Llama configs with silu and no attention/MLP biases convert to this model")
-    dim, n_heads = config["hidden_size"], config["num_attention_heads"]
-    if config.get("head_dim") not in (None, dim // n_heads):
-        raise ValueError(f"head_dim={config['head_dim']} != hidden_size / num_attention_heads; unsupported")
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "llama3"):
-        raise ValueError(f"RoPE type {rope_type!r} is not supported (only default and llama3)")
-    scaling = None
-    if rope_type == "llama3":
-        scaling = RoPEScalingArgs(
-            factor=float(rope["factor"]), low_freq_factor=float(rope["low_freq_factor"]),
-            high_freq_factor=float(rope["high_freq_factor"]),
-            original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
-        )  # fmt: skip
-    multiple_of, multiplier = _ffn_params(dim, config["intermediate_size"])
-    return TransformerModelArgs(
-        dim=dim, n_layers=config["num_hidden_layers"], n_heads=n_heads,
-        n_kv_heads=config.get("num_key_value_heads") or n_heads, vocab_size=config["vocab_size"],
-        multiple_of=multiple_of, ffn_dim_multiplier=multiplier, norm_eps=config.get("rms_norm_eps", 1e-5),
-        rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))), rope_scaling=scaling,
-        max_seq_len=config.get("max_position_embeddings", _DEFAULT_MAX_SEQ_LEN),
-    )  # fmt: skip
-
-
-def _ffn_params(dim: int, hidden: int) -> tuple[int, Optional[float]]:
-    """(multiple_of, ffn_dim_multiplier) giving FFN size `hidden`: a flavor's when one fits, else exact."""
-    for f in llama3_configs.values():
-        if compute_ffn_hidden_dim(dim, f.multiple_of, f.ffn_dim_multiplier) == hidden:
-            return f.multiple_of, f.ffn_dim_multiplier
-    base = int(2 * (4 * dim) / 3)
-    # Rounding `base` (scaled down when larger) up to a multiple of `hidden` gives `hidden` itself.
-    return hidden, None if base <= hidden else hidden / base
-
-
-def check_state_dict(sd: dict[str, torch.Tensor], args: TransformerModelArgs) -> None:
-    """Same keys and shapes as `Transformer(args)`, or a ValueError naming the first difference."""
+def check_state_dict(sd: dict[str, torch.Tensor], args) -> None:
+    """Same keys and shapes as the family's model built from ``args``, or a ValueError naming the first difference."""
     with torch.device("meta"):
-        expected = Transformer(args).state_dict()
+        expected = spec_of(args).model_cls(args).state_dict()
     missing, unexpected = expected.keys() - sd.keys(), sd.keys() - expected.keys()
     if missing or unexpected:
         raise ValueError(
@@ -145,85 +81,10 @@ def _cast(sd: dict[str, torch.Tensor], dtype: Optional[torch.dtype]) -> dict[str
     return sd if dtype is None else {k: v.to(dtype) for k, v in sd.items()}
 
 
-# ----------------------------------------------------------------------------- Meta format
-
-# Meta's model-parallel layout (fairscale): the dim each shard splits, None = replicated.
-# ParallelEmbedding splits the embedding dim; ColumnParallelLinear the output rows (dim 0);
-# RowParallelLinear the input columns (dim 1).
-_META_SPLIT_DIM = {
-    "tok_embeddings.weight": 1,
-    "output.weight": 0,
-    "norm.weight": None,
-    "attention.wq.weight": 0,
-    "attention.wk.weight": 0,
-    "attention.wv.weight": 0,
-    "attention.wo.weight": 1,
-    "feed_forward.w1.weight": 0,
-    "feed_forward.w3.weight": 0,
-    "feed_forward.w2.weight": 1,
-    "attention_norm.weight": None,
-    "ffn_norm.weight": None,
-}
-
-
-def _meta_split_dim(name: str) -> Optional[int]:
-    local = name.split(".", 2)[2] if name.startswith("layers.") else name
-    if local not in _META_SPLIT_DIM:
-        raise KeyError(f"unexpected parameter {name!r} in Meta checkpoint")
-    return _META_SPLIT_DIM[local]
-
-
-def merge_meta_shards(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Model-parallel shards (consolidated.00, .01, ...) -> one full state dict in our FQNs."""
-    merged = {}
-    for name in shards[0]:
-        if name == "rope.freqs":
-            continue  # derived buffer; we recompute RoPE from the args
-        parts = [s[name] for s in shards]
-        dim = _meta_split_dim(name)
-        if dim is None:
-            if not all(torch.equal(parts[0], p) for p in parts[1:]):
-                raise ValueError(f"{name} should be replicated across model-parallel shards but differs")
-            merged[name] = parts[0]
-        else:
-            merged[name] = torch.cat(parts, dim=dim) if len(parts) > 1 else parts[0]
-    return merged
-
-
-def load_meta_checkpoint(
-    folder: str | Path, max_seq_len: int = _DEFAULT_MAX_SEQ_LEN, rope_scaling_factor: Optional[float] = None
-) -> tuple[dict[str, torch.Tensor], TransformerModelArgs]:
-    folder = Path(folder)
-    paths = sorted(folder.glob("consolidated.*.pth"))
-    if not (folder / "params.json").is_file() or not paths:
-        raise ValueError(f"{folder} is not a Meta Llama checkpoint: expected params.json and consolidated.NN.pth")
-    args = meta_params_to_args(json.loads((folder / "params.json").read_text()), max_seq_len, rope_scaling_factor)
-    # mmap: shards are not read into memory until concatenated; weights_only: no arbitrary unpickling.
-    shards = [_load_pth(p) for p in paths]
-    sd = merge_meta_shards(shards)
-    check_state_dict(sd, args)
-    return sd, args
-
-
-def _load_pth(path: Path) -> dict:
-    """A ``.pth`` shard with tensors only: anything else in its pickle is refused, never run."""
-    import pickle
-
-    try:
-        return torch.load(path, weights_only=True, mmap=True, map_location="cpu")
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()
-        raise ValueError(
-            f"{path}: refused to unpickle (it holds more than tensors, loaded with weights_only=True): "
-            f"{first[0][:300] if first else type(e).__name__}. Only use checkpoints from a source you trust; "
-            f"re-download this one"
-        ) from e
-
-
 # ----------------------------------------------------------------------------- DCP
 
 
-def save_dcp(sd: dict[str, torch.Tensor], args: TransformerModelArgs, folder: str | Path) -> Path:
+def save_dcp(sd: dict[str, torch.Tensor], args, folder: str | Path) -> Path:
     """A weights-only DCP checkpoint ({"model": sd}) plus model_args.json; no process group needed."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -255,9 +116,10 @@ def load_dcp_model_state(folder: str | Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def dcp_model_args(folder: str | Path, sd: dict[str, torch.Tensor], flavor: str = "") -> TransformerModelArgs:
-    """Args of a DCP checkpoint: `flavor` if given, else its model_args.json (converted weights),
-    else the config.toml a training run saves in each checkpoint. Sizes come from the tensors."""
+def dcp_model_args(folder: str | Path, sd: dict[str, torch.Tensor], flavor: str = "", model_name: str = ""):
+    """Args of a DCP checkpoint: `flavor` (of `model_name`, default llama3) if given, else its
+    model_args.json (converted weights), else the config.toml a training run saves in each
+    checkpoint. Sizes come from the tensors."""
     folder = Path(folder)
     vocab_size, dim = sd["tok_embeddings.weight"].shape
     n_layers = len({k.split(".")[1] for k in sd if k.startswith("layers.")})
@@ -268,11 +130,9 @@ def dcp_model_args(folder: str | Path, sd: dict[str, torch.Tensor], flavor: str 
         if not flavor:
             cfg = _read_training_config(folder)
             flavor, max_seq_len = cfg["model"]["flavor"], cfg["training"]["seq_len"]
-        if flavor not in llama3_configs:
-            raise ValueError(f"unknown flavor {flavor!r}; valid: {', '.join(llama3_configs)}")
-        args = dataclasses.replace(
-            llama3_configs[flavor], vocab_size=vocab_size, dim=dim, n_layers=n_layers, max_seq_len=max_seq_len
-        )
+            model_name = cfg["model"].get("name", _DEFAULT_FAMILY)
+        spec = get_spec(model_name or _DEFAULT_FAMILY)
+        args = spec.build_args(flavor, vocab_size=vocab_size, max_seq_len=max_seq_len, n_layers=n_layers, dim=dim)
     check_state_dict(sd, args)
     return args
 
@@ -291,14 +151,16 @@ def _read_training_config(folder: Path) -> dict:
 
 def load_hf_checkpoint(
     folder: str | Path, dtype: Optional[torch.dtype] = None
-) -> tuple[dict[str, torch.Tensor], TransformerModelArgs]:
-    """HF Llama folder (config.json + model.safetensors or sharded with an index) -> ours."""
+) -> tuple[dict[str, torch.Tensor], object]:
+    """HF folder of any registered family (config.json + model.safetensors or sharded with an index) -> ours."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise ValueError(f"{folder} has no config.json: not a Hugging Face model folder")
-    args = hf_config_to_args(json.loads((folder / "config.json").read_text()))
+    config = json.loads((folder / "config.json").read_text())
+    spec = spec_for_hf_model_type(config.get("model_type", ""))
+    args = spec.hf.config_to_args(config)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -309,24 +171,14 @@ def load_hf_checkpoint(
     hf_sd = {}
     for name in files:
         hf_sd.update(load_file(folder / name))
-    sd = _cast(from_hf_state_dict(hf_sd, args), dtype)
+    sd = _cast(spec.hf.from_hf_state_dict(hf_sd, args), dtype)
     check_state_dict(sd, args)
     return sd, args
 
 
-def hf_config(args: TransformerModelArgs, dtype: torch.dtype) -> dict:
-    """config.json content that `LlamaForCausalLM.from_pretrained` reads."""
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        **to_hf_config(args),
-        "dtype": str(dtype).removeprefix("torch."),
-    }
-
-
 def save_hf_checkpoint(
     sd: dict[str, torch.Tensor],
-    args: TransformerModelArgs,
+    args,
     folder: str | Path,
     dtype: torch.dtype = torch.float32,
     max_shard_bytes: int = 5 * 2**30,
@@ -335,9 +187,10 @@ def save_hf_checkpoint(
     from safetensors.torch import save_file
 
     check_state_dict(sd, args)
+    hf = spec_of(args).hf
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    hf_sd = {k: v.detach().to("cpu", dtype).contiguous() for k, v in to_hf_state_dict(sd, args).items()}
+    hf_sd = {k: v.detach().to("cpu", dtype).contiguous() for k, v in hf.to_hf_state_dict(sd, args).items()}
     shards = _shard_by_bytes(hf_sd, max_shard_bytes)
     metadata = {"format": "pt"}  # transformers expects this tag on safetensors files
     if len(shards) == 1:
@@ -351,7 +204,7 @@ def save_hf_checkpoint(
         total = sum(t.numel() * t.element_size() for t in hf_sd.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    (folder / "config.json").write_text(json.dumps(hf_config(args, dtype), indent=2) + "\n")
+    (folder / "config.json").write_text(json.dumps(hf.args_to_config(args, dtype), indent=2) + "\n")
     return folder
 
 

@@ -6,10 +6,19 @@ and ``--section.key value`` overrides are thin serializations of this tree
 (see ``manager.py``): precedence is CLI > TOML > the defaults written here.
 
 The help text of each option is the ``help`` entry of its field metadata;
-``python train.py --help`` prints it with the default.
+``python train.py --help`` prints it with the default. A key with a closed set of values
+is annotated ``Literal[...]``: that annotation is the one declaration the parser checks,
+``--help`` and the README reference print.
 """
 
+import typing
 from dataclasses import dataclass, field
+from typing import Literal
+
+
+def choices(section_cls: type, key: str) -> tuple:
+    """The allowed values of a ``Literal[...]`` key (what components check when built directly)."""
+    return typing.get_args(typing.get_type_hints(section_cls)[key])
 
 
 def opt(default, help: str):
@@ -29,8 +38,11 @@ class Job:
 
 @dataclass
 class Model:
-    name: str = opt("llama3", "Model family (registered in torchtitan/models)")
-    flavor: str = opt("debugmodel", "Model size: debugmodel, 1B, 3B, 8B, 70B, 405B (or small test flavors)")
+    name: str = opt("llama3", "Model family: llama3 or qwen3 (any family registered in torchtitan/models)")
+    flavor: str = opt(
+        "debugmodel", "Model size, one of the family's flavors (llama3: debugmodel, 1B ... 405B; qwen3: "
+        "debugmodel, debugmodel_moe, 0.6B ... 32B, 30B-A3B, 235B-A22B)"
+    )
     n_layers: int = opt(0, "Override the flavor's layer count (0 = keep the flavor's)")
     dim: int = opt(0, "Override the flavor's model width (0 = keep the flavor's)")
     n_kv_heads: int = opt(0, "Override the flavor's key/value head count (0 = keep; = n_heads for MHA)")
@@ -38,9 +50,23 @@ class Model:
         0, "Embedding/output rows (0 = the tokenizer's); larger pads the vocab, e.g. 128256 to benchmark "
         "a Llama 3 shape with a small tokenizer"
     )
-    attention_backend: str = opt(
-        "auto", "SDPA kernel: auto (torch picks per call) | flash | cudnn | efficient | math (pinned: no fall-back)"
+    attention_backend: Literal["auto", "flash", "cudnn", "efficient", "math"] = opt(
+        "auto", "SDPA kernel: auto (torch picks per call), or one pinned (no fall-back)"
     )
+
+
+@dataclass
+class MoE:
+    score_func: Literal["", "softmax", "sigmoid"] = opt(
+        "", "Router score: '' = the flavor's (Qwen3: softmax with norm_topk_prob), or softmax / sigmoid (DeepSeek-V3)"
+    )
+    aux_loss_coeff: float = opt(0.0, "Load-balancing auxiliary loss coefficient (Switch / Qwen3; HF uses 0.001)")
+    z_loss_coeff: float = opt(0.0, "Router z-loss coefficient (ST-MoE; e.g. 0.001)")
+    load_balance_coeff: float = opt(
+        0.0, "Aux-loss-free balancing (DeepSeek-V3): per-expert routing bias moved by this much after each "
+        "step toward equal load, outside the gradient (e.g. 0.001); 0 = off"
+    )
+    grouped_mm: bool = opt(True, "Experts compute with one grouped GEMM (torch._grouped_mm); false = a loop per expert")
 
 
 @dataclass
@@ -73,22 +99,22 @@ class Data:
 
 @dataclass
 class Optimizer:
-    name: str = opt("AdamW", "Optimizer: AdamW or Adam")
+    name: Literal["AdamW", "Adam"] = opt("AdamW", "Optimizer")
     lr: float = opt(8e-4, "Peak learning rate")
     beta1: float = opt(0.9, "Adam beta1")
     beta2: float = opt(0.95, "Adam beta2")
     eps: float = opt(1e-8, "Adam epsilon")
     weight_decay: float = opt(0.1, "Decoupled weight decay")
-    implementation: str = opt(
-        "auto", "fused | foreach | for-loop | auto (fused on CUDA and CPU, foreach elsewhere)"
+    implementation: Literal["auto", "fused", "foreach", "for-loop"] = opt(
+        "auto", "AdamW kernel; auto = fused on CUDA and CPU, foreach elsewhere"
     )
 
 
 @dataclass
 class LRScheduler:
     warmup_steps: int = opt(200, "Linear warmup steps, from lr/(warmup+1) up to lr")
-    decay_type: str = opt(
-        "linear", "Decay after warmup: linear | cosine (over all remaining steps) | wsd (stable then decay)"
+    decay_type: Literal["linear", "cosine", "wsd"] = opt(
+        "linear", "Decay after warmup: linear or cosine (over all remaining steps), wsd (stable then decay)"
     )
     decay_ratio: float = opt(
         0.2, "wsd only: fraction of the steps spent in the final decay (the rest after warmup is stable)"
@@ -118,8 +144,8 @@ class Training:
         False, "Skip the update of a step whose loss or grad norm is not finite (counted in metrics)"
     )
     gc_freq: int = opt(50, "Run gc.collect every N steps (automatic GC is off)")
-    mixed_precision_param: str = opt(
-        "", "FSDP param dtype: bfloat16 | float32 (empty = bfloat16 on CUDA, float32 on CPU)"
+    mixed_precision_param: Literal["", "bfloat16", "float32"] = opt(
+        "", "FSDP param dtype (empty = bfloat16 on CUDA, float32 on CPU)"
     )
     mixed_precision_reduce: str = opt("float32", "FSDP gradient reduce dtype")
     enable_cpu_offload: bool = opt(
@@ -135,20 +161,24 @@ class Parallelism:
     tp: int = opt(1, "Tensor-parallel degree")
     pp: int = opt(1, "Pipeline-parallel degree")
     cp: int = opt(1, "Context-parallel degree")
+    ep: int = opt(
+        1, "Expert-parallel degree (MoE models): experts split over this many of the dp_shard x cp ranks, "
+        "tokens sent to them by all-to-all; must divide dp_shard x cp and be a multiple of cp"
+    )
     pp_schedule: str = opt("1F1B", "Pipeline schedule name, or a CSV schedule file")
     pp_microbatches: int = opt(
         0, "Pipeline microbatches per local batch (0 = pp degree; multi-stage schedules: the stage count)"
     )
     pp_split_points: list[str] = opt([], "Module names where stages begin, e.g. layers.4 (empty = even split)")
-    cp_rotate_method: str = opt("allgather", "torch CP backend's K/V rotation: allgather | alltoall")
-    cp_backend: str = opt(
-        "auto", "CP attention: allgather (ours, any device) | torch (ring attention, CUDA) | auto (torch on CUDA)"
+    cp_rotate_method: Literal["allgather", "alltoall"] = opt("allgather", "torch CP backend's K/V rotation")
+    cp_backend: Literal["auto", "allgather", "torch"] = opt(
+        "auto", "CP attention: allgather (ours, any device), torch (ring attention, CUDA), auto (torch on CUDA)"
     )
     loss_parallel: bool = opt(True, "With TP: compute the loss on vocab-sharded logits")
-    fsdp_reshard_after_forward: str = opt(
+    fsdp_reshard_after_forward: Literal["default", "always", "never"] = opt(
         "default",
-        "FSDP: free gathered params after forward: default (yes, except the last block; no with PP) | "
-        "always | never (more memory, no re-gather in backward)",
+        "FSDP: free gathered params after forward: default (yes, except the last block; no with PP), "
+        "always, never (more memory, no re-gather in backward)",
     )
 
 
@@ -158,8 +188,10 @@ class Checkpoint:
     folder: str = opt("checkpoint", "Folder under the dump folder")
     interval: int = opt(500, "Save every N steps or seconds (interval_type), and at the last step")
     load_step: int = opt(-1, "Step to resume from; -1 = the latest complete checkpoint")
-    interval_type: str = opt("steps", "Unit of checkpoint.interval: steps | seconds (rank 0's clock decides for all)")
-    async_mode: str = opt(
+    interval_type: Literal["steps", "seconds"] = opt(
+        "steps", "Unit of checkpoint.interval (seconds: rank 0's clock decides for all)"
+    )
+    async_mode: Literal["disabled", "async", "async_with_pinned_mem"] = opt(
         "disabled",
         "disabled (save blocks training) | async (copy to CPU, then a thread writes with DCP on its own gloo "
         "group) | async_with_pinned_mem (copy into shared/pinned memory in the background; a separate "
@@ -171,7 +203,7 @@ class Checkpoint:
     model_weights_only: bool = opt(
         False, "The final save (at training.steps) holds only the model weights, cast to export_dtype"
     )
-    export_dtype: str = opt("float32", "dtype of the weights-only final save: float32 | bfloat16 | float16")
+    export_dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "dtype of the weights-only final save")
     create_seed_checkpoint: bool = opt(
         False, "Write step-0 with the freshly initialized weights and exit (1 process only); any layout can start from it"
     )
@@ -217,7 +249,7 @@ class Comm:
 
 @dataclass
 class ActivationCheckpoint:
-    mode: str = opt("none", "none | full | selective")
+    mode: Literal["none", "full", "selective"] = opt("none", "Which blocks keep only their input for backward")
     selective_ac_option: str = opt("2", "selective: 'op' (save matmul outputs) or N (every N-th block)")
 
 
@@ -230,7 +262,7 @@ class Compile:
 @dataclass
 class Float8:
     enable_float8_linear: bool = opt(False, "Train Linear layers in float8 (torchao)")
-    recipe_name: str = opt("tensorwise", "tensorwise | rowwise")
+    recipe_name: Literal["tensorwise", "rowwise"] = opt("tensorwise", "torchao float8 scaling recipe")
     enable_fsdp_float8_all_gather: bool = opt(False, "All-gather FSDP params in float8")
     precompute_float8_dynamic_scale_for_fsdp: bool = opt(False, "One all-reduce for all float8 scales")
     filter_fqns: list[str] = opt(["output"], "Linear layers (name substrings) kept in high precision")
@@ -251,6 +283,7 @@ class Experimental:
 class JobConfig:
     job: Job = field(default_factory=Job)
     model: Model = field(default_factory=Model)
+    moe: MoE = field(default_factory=MoE)
     tokenizer: Tokenizer = field(default_factory=Tokenizer)
     data: Data = field(default_factory=Data)
     optimizer: Optimizer = field(default_factory=Optimizer)

@@ -40,18 +40,6 @@ Precedence: command line > TOML file > defaults. Forms: --section.key VALUE or
 --section.flag=false (also 0/no). Lists: comma-separated, e.g. --data.datasets c4,stdlib
 (an empty string gives an empty list)."""
 
-# String fields whose values form a closed set; checked here so a typo fails
-# at start-up instead of when the component is finally built.
-_CHOICES = {
-    "lr_scheduler.decay_type": ("linear", "cosine", "wsd"),
-    "activation_checkpoint.mode": ("none", "full", "selective"),
-    "optimizer.implementation": ("auto", "fused", "foreach", "for-loop"),
-    "training.mixed_precision_param": ("", "bfloat16", "float32"),
-    "float8.recipe_name": ("tensorwise", "rowwise"),
-    "model.attention_backend": ("auto", "flash", "cudnn", "efficient", "math"),
-    "parallelism.cp_rotate_method": ("allgather", "alltoall"),
-    "parallelism.cp_backend": ("auto", "allgather", "torch"),
-}
 _POSITIVE = (
     "training.steps",
     "training.global_batch_size",
@@ -62,6 +50,7 @@ _POSITIVE = (
     "parallelism.tp",
     "parallelism.pp",
     "parallelism.cp",
+    "parallelism.ep",
 )
 # -1 means "derive it" for these; any other value must be positive.
 _POSITIVE_OR_AUTO = ("training.local_batch_size", "parallelism.dp_shard")
@@ -181,9 +170,12 @@ def validate(cfg, origin: dict[str, str] | None = None) -> None:
         where = origin.get(dotted, "the default")
         raise ValueError(f"{dotted} {what}, got {value_of(dotted)!r} (from {where}).")
 
-    for dotted, allowed in _CHOICES.items():
-        if hasattr(cfg, dotted.split(".")[0]) and value_of(dotted) not in allowed:
-            fail(dotted, f"must be one of {', '.join(repr(a) for a in allowed)}")
+    # Closed value sets: the Literal[...] annotations of the dataclass tree.
+    for section, fields in _field_types(type(cfg)).items():
+        for key, tp in fields.items():
+            allowed = typing.get_args(tp) if typing.get_origin(tp) is typing.Literal else None
+            if allowed and value_of(f"{section}.{key}") not in allowed:
+                fail(f"{section}.{key}", f"must be one of {', '.join(repr(a) for a in allowed)}")
     for dotted in _POSITIVE:
         if hasattr(cfg, dotted.split(".")[0]) and value_of(dotted) < 1:
             fail(dotted, "must be a positive integer")
@@ -287,7 +279,14 @@ def _field_types(config_cls: type) -> dict[str, dict[str, type]]:
 
 
 def _type_name(tp) -> str:
+    if typing.get_origin(tp) is typing.Literal:
+        return "one of " + " | ".join(repr(a) for a in typing.get_args(tp))
     return str(tp) if typing.get_origin(tp) is list else tp.__name__
+
+
+def _base_type(tp):
+    """A Literal's values are strings here: parsed as str, checked against the set in validate()."""
+    return str if typing.get_origin(tp) is typing.Literal else tp
 
 
 def _convert(converter, tp, raw, dotted: str, where: str):
@@ -303,6 +302,7 @@ def _convert(converter, tp, raw, dotted: str, where: str):
 
 def _from_text(tp, text: str):
     """Convert a command-line string to ``tp``; lists are comma-separated."""
+    tp = _base_type(tp)
     if typing.get_origin(tp) is list:
         (item_tp,) = typing.get_args(tp)
         items = [part.strip() for part in text.split(",")] if text.strip() else []
@@ -317,6 +317,7 @@ def _from_text(tp, text: str):
 
 def _from_toml(tp, value):
     """Check a TOML value against ``tp``; ints are accepted (and widened) for floats."""
+    tp = _base_type(tp)
     if typing.get_origin(tp) is list:
         if not isinstance(value, list):
             raise TypeError(value)

@@ -2,8 +2,8 @@
 
 Random ops on sharded DTensors do not reproduce single-device values on CPU, and a seed
 checkpoint costs a save and a load. Instead every *unit* of the model (token embedding,
-each block, final norm, output) is built whole, on its own, from the model's own classes
-and init code, with an RNG seeded from (seed, unit name); each rank then keeps the slice
+each block, final norm, output) is built whole, on its own, from the family's own classes
+(``ModelSpec.model_cls`` and its ``block_cls``) and init code, with an RNG seeded from (seed, unit name); each rank then keeps the slice
 its parameters hold (``distribute_tensor(..., src_data_rank=None)`` slices locally, no
 communication). Peak extra memory is one unit. The single process takes the same path,
 so every layout starts from exactly the single-device weights.
@@ -16,7 +16,6 @@ import torch
 import torch.nn as nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from torchtitan.models.llama.model import Transformer, TransformerBlock, TransformerModelArgs
 
 # Wrappers that insert a level into parameter names (activation checkpointing, compile).
 _WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
@@ -35,18 +34,18 @@ def _clean(name: str) -> str:
     return name
 
 
-def _build_full_unit(args: TransformerModelArgs, unit: str, device: torch.device) -> nn.Module:
+def _build_full_unit(model_cls: type, args, unit: str, device: torch.device) -> nn.Module:
     """The unit built whole on ``device`` and initialized by the model's own init code."""
     if unit.startswith("layers."):
         with torch.device("meta"):
-            block = TransformerBlock(int(unit.split(".", 1)[1]), args)
+            block = model_cls.block_cls(int(unit.split(".", 1)[1]), args)
         block.to_empty(device=device)
         block.init_weights()
         return block
-    # Embedding / norm / output init lives in Transformer.init_weights: run it on a shell
+    # Embedding / norm / output init lives in the model's init_weights: run it on a shell
     # without layers that holds only this unit (the others are dropped before allocation).
     with torch.device("meta"):
-        shell = Transformer(replace(args, n_layers=0))
+        shell = model_cls(replace(args, n_layers=0))
     for other in _TOP_UNITS:
         if other != unit:
             setattr(shell, other, None)
@@ -66,14 +65,22 @@ def _copy_into(param: torch.Tensor, full: torch.Tensor) -> None:
 
 
 def _units(model: nn.Module) -> dict[str, nn.Module]:
-    units = {name: getattr(model, name) for name in _TOP_UNITS if getattr(model, name, None) is not None}
+    """Top-level units, then the blocks. A unit whose parameters an earlier one holds (an output
+    head tied to the embedding) is skipped: the weight is initialized once, as its owner's."""
+    units, seen = {}, set()
+    for name in _TOP_UNITS:
+        module = getattr(model, name, None)
+        if module is None or all(id(p) in seen for p in module.parameters()):
+            continue
+        seen.update(id(p) for p in module.parameters())
+        units[name] = module
     for name, block in model.layers.named_children():
         units[f"layers.{name}"] = block
     return units
 
 
 @torch.no_grad()
-def init_model_weights(model: nn.Module, args: TransformerModelArgs, seed: int, device: torch.device) -> None:
+def init_model_weights(model: nn.Module, model_cls: type, args, seed: int, device: torch.device) -> None:
     """Initialize ``model`` (parallelized and materialized, possibly a pipeline stage) in place.
 
     ``device`` is where the full units are built (the compute device); RoPE tables are
@@ -84,8 +91,10 @@ def init_model_weights(model: nn.Module, args: TransformerModelArgs, seed: int, 
     for unit, module in _units(model).items():
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(unit_seed(seed, unit))
-            full = _build_full_unit(args, unit, device)
-        full_params = dict(full.named_parameters())
-        for name, param in module.named_parameters():
-            _copy_into(param, full_params[_clean(name)].to(param.dtype))
-        del full, full_params
+            full = _build_full_unit(model_cls, args, unit, device)
+        # Persistent buffers too (an MoE router's balancing bias): to_empty left them undefined.
+        full_state = {**dict(full.named_parameters()), **dict(full.named_buffers())}
+        for name, tensor in (*module.named_parameters(), *module.named_buffers()):
+            if _clean(name) in full_state:
+                _copy_into(tensor, full_state[_clean(name)].to(tensor.dtype))
+        del full, full_state

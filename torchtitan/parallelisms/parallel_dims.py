@@ -7,6 +7,13 @@ it. The device mesh has the dims [pp, dp_replicate, dp_shard, cp, tp] (only thos
 - ``dp``: dp_replicate x dp_shard, the data-loading dim (each dp rank gets its rows);
 - ``dp_shard_cp``: dp_shard x cp, what FSDP shards parameters over;
 - ``dp_cp``: dp_replicate x dp_shard x cp, what the loss is averaged over.
+
+Expert parallelism (``ep`` > 1) is carved out of dp_shard x cp, as torchtitan does: dp_shard
+splits into dp_shard_mod_ep x dp_shard_in_ep (ep = dp_shard_in_ep x cp), the mesh dims become
+[pp, dp_replicate, dp_shard_mod_ep, dp_shard_in_ep, cp, tp] and the flattened views add ``dp_shard``
+(the two halves), ``ep`` (dp_shard_in_ep x cp: the all-to-all group) and the experts' FSDP dim
+dp_shard_mod_ep (kept even at size 1). Every name above still answers. With ep == 1 the mesh is
+exactly the one without EP.
 """
 
 from dataclasses import dataclass, field
@@ -14,6 +21,8 @@ from dataclasses import dataclass, field
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 _MESH_ORDER = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+_EP_MESH_ORDER = ("pp", "dp_replicate", "dp_shard_mod_ep", "dp_shard_in_ep", "cp", "tp")
+_DP_SHARD = ("dp_shard", "dp_shard_mod_ep", "dp_shard_in_ep")  # whichever are present
 
 
 @dataclass
@@ -24,6 +33,7 @@ class ParallelDims:
     tp: int
     pp: int
     world_size: int
+    ep: int = 1
     _mesh: DeviceMesh | None = field(default=None, repr=False)
     # torch deprecates slicing flattened dims from the root mesh: keep them here.
     _flat: dict[str, DeviceMesh] = field(default_factory=dict, repr=False)
@@ -43,6 +53,22 @@ class ParallelDims:
             self.dp_shard = self.world_size // others
         if self.dp_shard < 1 or others * self.dp_shard != self.world_size:
             raise ValueError(self._mismatch_message("the product is not the world size"))
+        self._validate_ep()
+
+    def _validate_ep(self):
+        ep, sparse = self.ep, self.dp_shard * self.cp
+        if ep < 1:
+            raise ValueError(f"parallelism.ep must be >= 1, got {ep}")
+        if sparse % ep:
+            raise ValueError(
+                f"parallelism.ep={ep} must divide dp_shard x cp = {self.dp_shard} x {self.cp} = {sparse} "
+                f"(the experts are spread over data-parallel ranks); pick an ep that divides {sparse}"
+            )
+        if ep > 1 and ep % self.cp:
+            raise ValueError(
+                f"parallelism.ep={ep} must be a multiple of cp={self.cp} (a cp group shares its experts' "
+                f"tokens); pick ep = cp x a divisor of dp_shard={self.dp_shard}"
+            )
 
     def _mismatch_message(self, what: str) -> str:
         return (
@@ -53,20 +79,31 @@ class ParallelDims:
         )
 
     def build_mesh(self, device_type: str) -> DeviceMesh:
-        dims = [(n, d) for n, d in zip(_MESH_ORDER, self._degrees()) if d > 1]
+        dims = [(n, d) for n, d in self._mesh_dims() if d > 1 or n == "dp_shard_mod_ep"]
         if not dims:  # a single process still gets a mesh, so callers need no special case
             dims = [("dp_shard", 1)]
         names, shape = zip(*dims)
         mesh = init_device_mesh(device_type, tuple(shape), mesh_dim_names=tuple(names))
-        self._flatten(mesh, "dp", ("dp_replicate", "dp_shard"))
-        self._flatten(mesh, "dp_shard_cp", ("dp_shard", "cp"))
-        self._flatten(mesh, "dp_cp", ("dp_replicate", "dp_shard", "cp"))
+        if self.ep_enabled:
+            # Flattened first, so the names below that include dp_shard find it.
+            self._flatten(mesh, "dp_shard", ("dp_shard_mod_ep", "dp_shard_in_ep"))
+            self._flatten(mesh, "ep", ("dp_shard_in_ep", "cp"))
+        self._flatten(mesh, "dp", ("dp_replicate", *_DP_SHARD))
+        self._flatten(mesh, "dp_shard_cp", (*_DP_SHARD, "cp"))
+        self._flatten(mesh, "dp_cp", ("dp_replicate", *_DP_SHARD, "cp"))
         self._mesh = mesh
         return mesh
 
+    def _mesh_dims(self) -> list[tuple[str, int]]:
+        if not self.ep_enabled:
+            return list(zip(_MESH_ORDER, self._degrees()))
+        in_ep = self.ep // self.cp
+        sizes = (self.pp, self.dp_replicate, self.dp_shard // in_ep, in_ep, self.cp, self.tp)
+        return list(zip(_EP_MESH_ORDER, sizes))
+
     def _flatten(self, mesh: DeviceMesh, name: str, parts: tuple[str, ...]):
         present = tuple(p for p in parts if p in mesh.mesh_dim_names)
-        if present:
+        if present and name not in self._flat:
             # Flattening even a single dim gives every caller one name to ask for.
             self._flat[name] = mesh[present]._flatten(mesh_dim_name=name)
 
@@ -117,6 +154,48 @@ class ParallelDims:
     @property
     def cp_enabled(self) -> bool:
         return self.cp > 1
+
+    @property
+    def ep_enabled(self) -> bool:
+        return self.ep > 1
+
+    def fsdp_mesh(self) -> DeviceMesh:
+        """What FSDP shards the (non-expert) parameters over: dp_shard_cp, or for HSDP the 2-D
+        (dp_replicate, dp_shard_cp) mesh (replicate over the first dim, shard over the second)."""
+        if self.dp_replicate == 1:
+            return self.submesh("dp_shard_cp")
+        if self.cp == 1 and not self.ep_enabled:
+            return self.mesh["dp_replicate", "dp_shard"]
+        return self._pair("dp_replicate", "dp_shard_cp")
+
+    def ep_mesh(self) -> DeviceMesh:
+        """The expert-parallel group (dp_shard_in_ep x cp): experts are split and tokens all-to-all'd over it."""
+        assert self.ep_enabled, "ep_mesh needs parallelism.ep > 1"
+        return self.submesh("ep")
+
+    def ep_tp_mesh(self) -> DeviceMesh:
+        """The 2-D [ep, tp] mesh of expert-tensor parallelism (EP x TP)."""
+        assert self.ep_enabled and self.tp_enabled, "ep_tp_mesh needs parallelism.ep > 1 and tp > 1"
+        return self._pair("ep", "tp")
+
+    def expert_fsdp_mesh(self) -> DeviceMesh:
+        """What FSDP shards the experts over: the data-parallel ranks outside the EP group
+        (dp_shard_mod_ep, maybe of size 1), or (dp_replicate, dp_shard_mod_ep) for HSDP."""
+        assert self.ep_enabled, "expert_fsdp_mesh needs parallelism.ep > 1"
+        if self.dp_replicate == 1:
+            return self.mesh["dp_shard_mod_ep"]
+        return self.mesh["dp_replicate", "dp_shard_mod_ep"]
+
+    def _pair(self, first: str, second: str) -> DeviceMesh:
+        # A 2-D mesh from (possibly flattened) dims: concatenating the kept 1-D meshes avoids
+        # slicing flattened dims off the root, which torch deprecates.
+        return DeviceMesh._concatenate([self.submesh(first), self.submesh(second)])
+
+    @property
+    def fsdp_gradient_divide_factor(self) -> int:
+        """The experts' FSDP divides gradients by this (all data-parallel ranks), not by its own
+        smaller mesh: the all-to-all's backward already summed the expert grads over the EP group."""
+        return self.dp_replicate * self.dp_shard * self.cp
 
     @property
     def non_data_parallel_size(self) -> int:

@@ -1,12 +1,12 @@
 """Per-device peak memory of a training config, estimated without allocating the model.
 
 How: a fake process group (world size = NGPU x NNODES, rank 0's view) and ``FakeTensorMode``;
-the model, optimizer and lr schedule are built by the Trainer's own methods (``build_model`` /
-``build_pipeline`` -> ``parallelize_llama`` -> ``to_empty`` -> ``init_model_weights``), then two
-real ``Trainer.train_step`` calls (the first untracked) (forward + backward + clip + optimizer step) run on fake
-tensors with the configured local batch, accumulation and seq_len. Two steps, because the
-optimizer state only exists from the first ``optimizer.step()`` on: the second step is the
-steady state.
+the model, optimizer and lr schedule are built by the trainer's public build functions
+(``build_parallel_dims``, ``ModelBuilder.build``: the family's parallel plan -> ``to_empty``,
+without weight init), then two train steps (the first untracked) run the trainer's own
+``ForwardBackward`` + clip + optimizer step on fake tensors with the configured local batch,
+accumulation and seq_len. Two steps, because the optimizer state only exists from the first
+``optimizer.step()`` on: the second step is the steady state.
 
 Methods, named in the output:
 - ``FSDPMemTracker``: FSDP/HSDP layouts without TP/PP/CP (tracks sharded/unsharded params,
@@ -14,7 +14,7 @@ Methods, named in the output:
 - ``MemTracker``: one process with ``disable_fake_mode`` (real tensors);
 - ``analytic``: everything else (TP, PP, CP, DDP, one process on fake tensors), or when a
   tracker fails. Parameter bytes are still exact (summed over this rank's local shards of the
-  model the Trainer builds, on the meta device);
+  model the trainer builds, on the meta device);
   activations come from a per-block formula (see ``analytic_activation_bytes``).
 
 Measuring a real run for comparison (``measure_real_peak``): ``torch.cuda.max_memory_allocated``
@@ -32,15 +32,18 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 
+from torchtitan.components.float8 import Float8Training
+from torchtitan.components.model_builder import BuiltModel, ModelBuilder
 from torchtitan.components.optimizer import build_lr_scheduler, build_optimizer
 from torchtitan.components.tokenizer import build_tokenizer
+from torchtitan.components.train_step import ForwardBackward
 from torchtitan.config.job_config import JobConfig
-from torchtitan.parallelisms.utils import device_type
+from torchtitan.parallelisms.parallel_dims import ParallelDims
+from torchtitan.parallelisms.utils import clip_grad_norm_, device_type
 from torchtitan.tools.logging import logger
 
 GIB = 1024**3
@@ -105,87 +108,88 @@ def init_fake_process_group(world_size: int) -> None:
 
 def layout_of(dims) -> str:
     return (f"dp_replicate={dims.dp_replicate} dp_shard={dims.dp_shard} cp={dims.cp} "
-            f"tp={dims.tp} pp={dims.pp}")  # fmt: skip
+            f"tp={dims.tp} pp={dims.pp} ep={dims.ep}")  # fmt: skip
 
 
-def build_skeleton(cfg: JobConfig):
-    """A Trainer without data loader, checkpointer or model: the state the model build needs.
+@dataclass
+class EstimateRun:
+    """The trainer's pieces a train step needs, built by the trainer's public build functions."""
 
-    Built through the Trainer's own methods, so the layout is exactly the trainer's.
-    """
-    from torchtitan.components.float8 import Float8Training
-    from torchtitan.trainer import Trainer, TrainState, batch_split
+    cfg: JobConfig
+    device: torch.device
+    parallel_dims: object
+    vocab_size: int
+    local_bs: int
+    accum_steps: int
+    step_fn: ForwardBackward
+    built: BuiltModel
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    float8: Float8Training
+    microbatch_hooks: list = field(default_factory=list)  # called before every microbatch
 
-    t = Trainer.__new__(Trainer)
-    t.cfg = cfg
-    t.device = torch.device("cuda", 0) if device_type() == "cuda" else torch.device("cpu")
-    t.parallel_dims = t.build_parallel_dims()
-    t.tokenizer = build_tokenizer(cfg.tokenizer.path, cfg.tokenizer.cache_dir)
-    t.local_bs, t.accum_steps = batch_split(
-        cfg.training.global_batch_size, cfg.training.local_batch_size, t.parallel_dims.dp
-    )
-    t.cp = t.build_context_parallel()
-    t.float8 = Float8Training(cfg.float8, t.device, t.parallel_dims.fsdp_enabled)
-    t.train_state = TrainState()
-    # train_step's bookkeeping, without the metrics logger (no files, no host syncs) and
-    # without checkpointing (its hooks in the step, e.g. waiting for an async save, do nothing).
-    t.metrics = SimpleNamespace(counters=SimpleNamespace(data_seconds=0.0, tokens=0, steps=0))
-    t.checkpointer = _Inert()
-    return t
+    @property
+    def model(self):
+        return self.built.model
 
+    @property
+    def model_parts(self):
+        return self.built.parts
 
-class _Inert:
-    """Stands in for a component the estimate leaves out: every method call does nothing."""
-
-    def __getattr__(self, name):
-        return lambda *args, **kwargs: None
+    @property
+    def pipeline(self):
+        return self.built.pipeline
 
 
-def build_model_and_optimizer(t) -> None:
-    """Model (or pipeline stages), autocast, optimizer and lr schedule, as ``Trainer.__init__``."""
-    t.pipeline = None
-    if t.parallel_dims.pp_enabled:
-        t.pipeline, t.flops_per_token = t.build_pipeline()
-        t.model_parts, t.model = t.pipeline.model_parts, None
-    else:
-        t.model, t.flops_per_token = t.build_model()
-        t.model_parts = [t.model]
-    t.autocast = t.build_autocast()
-    t.optimizer = build_optimizer(t.cfg.optimizer, t.parameters(), t.device.type)
-    t.lr_scheduler = build_lr_scheduler(t.cfg.lr_scheduler, t.optimizer, t.cfg.training.steps)
+def build_run(cfg: JobConfig, device: torch.device, tensor_mode=contextlib.nullcontext) -> EstimateRun:
+    """Layout, batch split, model (no weight init: values do not change memory, and fake tensors
+    have none to draw), optimizer and lr schedule, exactly as the trainer builds them. The model
+    and optimizer are built under ``tensor_mode()`` (FakeTensorMode); the mesh is not."""
+    from torchtitan.trainer import batch_split, build_context_parallel, build_parallel_dims
+
+    dims = build_parallel_dims(cfg.parallelism, device.type if device.type != "meta" else device_type())
+    vocab = build_tokenizer(cfg.tokenizer.path, cfg.tokenizer.cache_dir).n_words
+    local_bs, accum = batch_split(cfg.training.global_batch_size, cfg.training.local_batch_size, dims.dp)
+    cp = build_context_parallel(cfg, dims, device.type)
+    float8 = Float8Training(cfg.float8, device, dims.fsdp_enabled)
+    hooks: list = []
+    step_fn = ForwardBackward(cfg.training, dims, device, cp, local_bs, accum, cfg.parallelism.loss_parallel,
+                              before_microbatch=lambda enabled: [h() for h in hooks])
+    with tensor_mode():
+        built = ModelBuilder(cfg, dims, device, cp, float8, init_weights=False).build(
+            vocab, local_bs, step_fn.pipeline_loss)
+        step_fn.attach(built)
+        params = [p for part in built.parts for p in part.parameters()]
+        optimizer = build_optimizer(cfg.optimizer, params, device.type)
+        lr_scheduler = build_lr_scheduler(cfg.lr_scheduler, optimizer, cfg.training.steps)
+    return EstimateRun(cfg, device, dims, vocab, local_bs, accum, step_fn, built, optimizer, lr_scheduler, float8,
+                       hooks)
 
 
-@contextlib.contextmanager
-def skip_weight_init():
-    """Weight values do not change memory, and the init's truncated normal asks for a value
-    (``mask.any()``) that fake tensors cannot give: leave ``to_empty``'s tensors as they are."""
-    import torchtitan.trainer as trainer_module
-
-    real = trainer_module.init_model_weights
-    trainer_module.init_model_weights = lambda model, args, seed, device: None
-    try:
-        yield
-    finally:
-        trainer_module.init_model_weights = real
-
-
-def fake_batch(t) -> torch.Tensor:
+def fake_batch(t: EstimateRun) -> torch.Tensor:
     """This rank's rows of one global batch, [local_bs x accumulation, seq_len + 1] token ids."""
     rows = t.local_bs * t.accum_steps
-    return torch.randint(0, t.tokenizer.n_words, (rows, t.cfg.training.seq_len + 1))
+    return torch.randint(0, t.vocab_size, (rows, t.cfg.training.seq_len + 1))
 
 
-def run_train_steps(t, steps: int) -> None:
-    """``Trainer.train_step`` itself; only the finite/stop checks (host reads) are stubbed out."""
-    t._stop_requested_anywhere = lambda requested: False
-    t.check_finite = lambda: None
-    t.pending_check = None
-    batches = iter([fake_batch(t) for _ in range(steps)])
+def run_train_steps(t: EstimateRun, steps: int) -> None:
+    """The trainer's step: forward + backward, clip, optimizer step (no finite check: a host read)."""
+    pp_group = t.parallel_dims.submesh("pp").get_group() if t.parallel_dims.pp_enabled else None
+    params = [p for part in t.model_parts for p in part.parameters()]
     for _ in range(steps):
-        t.train_step(batches, False)
+        t.step_fn(fake_batch(t))
+        clip_grad_norm_(params, t.cfg.training.max_norm, pp_group=pp_group)
+        t.optimizer.step()
+        t.float8.after_optimizer_step(t.model_parts)
+        t.optimizer.zero_grad(set_to_none=True)
+        t.lr_scheduler.step()
 
 
 # ---- methods ----------------------------------------------------------------------------
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", 0) if device_type() == "cuda" else torch.device("cpu")
 
 
 def pick_method(dims, fake: bool) -> str:
@@ -217,15 +221,9 @@ def tracked_estimate(t, method: str) -> MemoryEstimate:
 
         tracker = MemTracker()
         tracker.track_external(t.model, t.optimizer)
-    set_sync = t.set_gradient_sync
-
-    def set_gradient_sync(enabled: bool) -> None:
-        # Called before every microbatch's forward: the trackers refuse a second root
-        # forward (gradient accumulation) unless the per-module stats are cleared.
-        tracker.reset_mod_stats()
-        set_sync(enabled)
-
-    t.set_gradient_sync = set_gradient_sync
+    # Before every microbatch's forward: the trackers refuse a second root forward
+    # (gradient accumulation) unless the per-module stats are cleared.
+    t.microbatch_hooks.append(tracker.reset_mod_stats)
     with tracker:
         run_train_steps(t, 1)
     peak = tracker.get_tracker_snapshot("peak")
@@ -239,6 +237,14 @@ def _local_bytes(tensors) -> int:
         local = p.to_local() if hasattr(p, "to_local") else p
         total += local.numel() * local.element_size()
     return total
+
+
+def _ffn_width(args) -> int:
+    """MLP hidden width per token: an MoE layer keeps its top_k routed experts' (and shared ones')."""
+    moe = getattr(args, "moe", None)
+    if moe is not None:
+        return (moe.top_k + moe.num_shared_experts) * moe.hidden_dim
+    return args.ffn_hidden_dim if hasattr(args, "ffn_hidden_dim") else args.hidden_dim
 
 
 def analytic_activation_bytes(t) -> tuple[int, int]:
@@ -258,7 +264,7 @@ def analytic_activation_bytes(t) -> tuple[int, int]:
         tokens = tokens // max(1, t.pipeline.n_microbatches) * dims.pp
     width = 2 if (cfg.training.mixed_precision_param == "bfloat16" or
                   (not cfg.training.mixed_precision_param and t.device.type == "cuda")) else 4
-    D, F, V, tp = args.dim, args.ffn_hidden_dim, args.vocab_size, dims.tp
+    D, F, V, tp = args.dim, _ffn_width(args), args.vocab_size, dims.tp
     per_block = tokens * (6 * D / tp + 5 * D / tp + 4 * F / tp) * width  # SP: norms are T/tp
     n_blocks = sum(len(part.layers) for part in t.model_parts)
     if cfg.activation_checkpoint.mode == "full":
@@ -272,14 +278,6 @@ def analytic_activation_bytes(t) -> tuple[int, int]:
     has_output = any(getattr(part, "output", None) is not None for part in t.model_parts)
     loss = 4 * tokens * V / (tp if cfg.parallelism.loss_parallel else 1) * 4 if has_output else 0
     return int(saved), int(loss)
-
-
-def meta_analytic_estimate(t) -> MemoryEstimate:
-    """The analytic model on the trainer's model built on the meta device (shapes only)."""
-    t.device = torch.device("meta")
-    with skip_weight_init():
-        build_model_and_optimizer(t)
-    return analytic_estimate(t, f"analytic model for {layout_of(t.parallel_dims)}")
 
 
 def analytic_estimate(t, reason: str = "") -> MemoryEstimate:
@@ -318,14 +316,15 @@ def estimate_memory(cfg: JobConfig, world_size: int, fake: bool | None = None) -
     fake = not cfg.memory_estimation.disable_fake_mode if fake is None else fake
     init_fake_process_group(world_size)
     try:
-        t = build_skeleton(cfg)
-        method = pick_method(t.parallel_dims, fake)
+        p = cfg.parallelism
+        method = pick_method(ParallelDims(p.dp_replicate, p.dp_shard, p.cp, p.tp, p.pp, world_size, ep=p.ep), fake)
         if method == "analytic":
-            est = meta_analytic_estimate(t)
+            t = build_run(cfg, torch.device("meta"))
+            est = analytic_estimate(t, f"analytic model for {layout_of(t.parallel_dims)}")
         else:
-            with (FakeTensorMode() if fake else contextlib.nullcontext()), \
-                    (skip_weight_init() if fake else contextlib.nullcontext()):
-                build_model_and_optimizer(t)
+            mode = FakeTensorMode() if fake else contextlib.nullcontext()
+            t = build_run(cfg, _device(), lambda: mode)
+            with mode:
                 try:
                     est = tracked_estimate(t, method)
                 except Exception as e:  # the trackers are private torch tools: never fatal

@@ -1,8 +1,7 @@
-"""Llama 3 model family: flavors (published shapes plus small test models) and the builder of args."""
+"""Llama 3: registers the family (flavors, model, parallel plan, HF adapter, FLOPs) with the registry."""
 
-import difflib
-from dataclasses import replace
-
+from torchtitan.models.llama import hf_mapping
+from torchtitan.models.llama.flavors import build_model_args, llama3_configs
 from torchtitan.models.llama.model import (
     RoPEScalingArgs,
     Transformer,
@@ -10,8 +9,11 @@ from torchtitan.models.llama.model import (
     compute_ffn_hidden_dim,
     get_nparams_and_flops,
 )
+from torchtitan.models.llama.parallelize import parallelize_llama
+from torchtitan.models.registry import HFAdapter, ModelSpec, register
 
 __all__ = [
+    "LLAMA_SPEC",
     "RoPEScalingArgs",
     "Transformer",
     "TransformerModelArgs",
@@ -21,58 +23,34 @@ __all__ = [
     "llama3_configs",
 ]
 
-# Llama 3.2 (1B, 3B) was trained with a 32x context extension, Llama 3.1 (8B-405B) with 8x.
-_LLAMA32_SCALING = RoPEScalingArgs(factor=32.0)
-_LLAMA31_SCALING = RoPEScalingArgs(factor=8.0)
 
-# vocab_size and max_seq_len are set at build time (tokenizer, training seq_len).
-llama3_configs: dict[str, TransformerModelArgs] = {
-    # GQA (8 kv heads for 16 query heads) so small runs exercise the repeat-kv path.
-    "debugmodel": TransformerModelArgs(dim=256, n_layers=6, n_heads=16, n_kv_heads=8, vocab_size=2048),
-    "debugmodel_tiny": TransformerModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=2048),
-    # GPT-2-small-like width/depth with Llama blocks (FFN hidden 2048).
-    "125M": TransformerModelArgs(dim=768, n_layers=12, n_heads=12, multiple_of=256),
-    "1B": TransformerModelArgs(
-        dim=2048, n_layers=16, n_heads=32, n_kv_heads=8,
-        ffn_dim_multiplier=1.5, multiple_of=256, rope_scaling=_LLAMA32_SCALING,
-    ),
-    "3B": TransformerModelArgs(
-        dim=3072, n_layers=28, n_heads=24, n_kv_heads=8,
-        ffn_dim_multiplier=1.0, multiple_of=256, rope_scaling=_LLAMA32_SCALING,
-    ),
-    "8B": TransformerModelArgs(
-        dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
-        ffn_dim_multiplier=1.3, multiple_of=1024, rope_scaling=_LLAMA31_SCALING,
-    ),
-    "70B": TransformerModelArgs(
-        dim=8192, n_layers=80, n_heads=64, n_kv_heads=8,
-        ffn_dim_multiplier=1.3, multiple_of=4096, rope_scaling=_LLAMA31_SCALING,
-    ),
-    "405B": TransformerModelArgs(
-        dim=16384, n_layers=126, n_heads=128, n_kv_heads=8,
-        ffn_dim_multiplier=1.2, multiple_of=4096, rope_scaling=_LLAMA31_SCALING,
-    ),
-}  # fmt: skip
+def _args_from_dict(d: dict) -> TransformerModelArgs:
+    d = dict(d)
+    if d.get("rope_scaling") is not None:
+        d["rope_scaling"] = RoPEScalingArgs(**d["rope_scaling"])
+    return TransformerModelArgs(**d)
 
 
-def build_model_args(
-    flavor: str, vocab_size: int, max_seq_len: int, n_layers: int = 0, dim: int = 0, n_kv_heads: int = 0,
-    attention_backend: str = "auto",
-) -> TransformerModelArgs:
-    """Args of `flavor` with the tokenizer's vocab, the training seq_len and overrides (0 = keep)."""
-    if flavor not in llama3_configs:
-        valid = list(llama3_configs)
-        # Compare lower-cased so "8b" still suggests "8B".
-        by_lower = {name.lower(): name for name in valid}
-        close = difflib.get_close_matches(flavor.lower(), list(by_lower), n=1)
-        hint = f" Did you mean {by_lower[close[0]]!r}?" if close else ""
-        raise ValueError(f"Unknown llama3 flavor {flavor!r}.{hint} Valid flavors: {', '.join(valid)}")
-    overrides = {"vocab_size": vocab_size, "max_seq_len": max_seq_len, "attention_backend": attention_backend}
-    if n_layers > 0:
-        overrides["n_layers"] = n_layers
-    if dim > 0:
-        overrides["dim"] = dim
-    if n_kv_heads > 0:
-        overrides["n_kv_heads"] = n_kv_heads
-    # replace() builds a new instance (shared defaults stay untouched) and re-runs validation.
-    return replace(llama3_configs[flavor], **overrides)
+def _shape_key(a: TransformerModelArgs) -> tuple:
+    # The FFN size, not multiple_of / ffn_dim_multiplier: HF and Meta files only give the size.
+    return (a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.ffn_hidden_dim, a.norm_eps, a.rope_theta, a.rope_scaling)
+
+
+LLAMA_SPEC = register(ModelSpec(
+    name="llama3",
+    flavors=llama3_configs,
+    args_cls=TransformerModelArgs,
+    model_cls=Transformer,
+    build_args=build_model_args,
+    parallelize=parallelize_llama,
+    nparams_and_flops=get_nparams_and_flops,
+    hf=HFAdapter(
+        model_types=("llama",),
+        config_to_args=hf_mapping.hf_config_to_args,
+        args_to_config=hf_mapping.hf_config,
+        to_hf_state_dict=hf_mapping.to_hf_state_dict,
+        from_hf_state_dict=hf_mapping.from_hf_state_dict,
+    ),
+    args_from_dict=_args_from_dict,
+    shape_key=_shape_key,
+))

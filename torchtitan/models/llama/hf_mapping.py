@@ -7,10 +7,14 @@ export (`_meta_to_hf_rope_rows`, as in HF's convert_llama_weights_to_hf.py) and 
 """
 
 import re
+from typing import Optional
 
 import torch
 
-from torchtitan.models.llama.model import TransformerModelArgs
+from torchtitan.models.llama.flavors import llama3_configs
+from torchtitan.models.llama.model import RoPEScalingArgs, TransformerModelArgs, compute_ffn_hidden_dim
+
+DEFAULT_MAX_SEQ_LEN = 8192  # RoPE table length when the source does not say (a training run sets its own)
 
 _TOP_LEVEL = {
     "tok_embeddings.weight": "model.embed_tokens.weight",
@@ -118,4 +122,52 @@ def to_hf_config(args: TransformerModelArgs) -> dict:
         "tie_word_embeddings": False,
         "attention_bias": False,
         "mlp_bias": False,
+    }
+
+
+def hf_config_to_args(config: dict) -> TransformerModelArgs:
+    """HF LlamaConfig (config.json; transformers 4.x ``rope_scaling`` or 5.x ``rope_parameters``) -> ours."""
+    if config.get("hidden_act", "silu") != "silu" or config.get("attention_bias") or config.get("mlp_bias"):
+        raise ValueError("only Llama configs with silu and no attention/MLP biases convert to this model")
+    dim, n_heads = config["hidden_size"], config["num_attention_heads"]
+    if config.get("head_dim") not in (None, dim // n_heads):
+        raise ValueError(f"head_dim={config['head_dim']} != hidden_size / num_attention_heads; unsupported")
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise ValueError(f"RoPE type {rope_type!r} is not supported (only default and llama3)")
+    scaling = None
+    if rope_type == "llama3":
+        scaling = RoPEScalingArgs(
+            factor=float(rope["factor"]), low_freq_factor=float(rope["low_freq_factor"]),
+            high_freq_factor=float(rope["high_freq_factor"]),
+            original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
+        )  # fmt: skip
+    multiple_of, multiplier = _ffn_params(dim, config["intermediate_size"])
+    return TransformerModelArgs(
+        dim=dim, n_layers=config["num_hidden_layers"], n_heads=n_heads,
+        n_kv_heads=config.get("num_key_value_heads") or n_heads, vocab_size=config["vocab_size"],
+        multiple_of=multiple_of, ffn_dim_multiplier=multiplier, norm_eps=config.get("rms_norm_eps", 1e-5),
+        rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))), rope_scaling=scaling,
+        max_seq_len=config.get("max_position_embeddings", DEFAULT_MAX_SEQ_LEN),
+    )  # fmt: skip
+
+
+def _ffn_params(dim: int, hidden: int) -> tuple[int, Optional[float]]:
+    """(multiple_of, ffn_dim_multiplier) giving FFN size `hidden`: a flavor's when one fits, else exact."""
+    for f in llama3_configs.values():
+        if compute_ffn_hidden_dim(dim, f.multiple_of, f.ffn_dim_multiplier) == hidden:
+            return f.multiple_of, f.ffn_dim_multiplier
+    base = int(2 * (4 * dim) / 3)
+    # Rounding `base` (scaled down when larger) up to a multiple of `hidden` gives `hidden` itself.
+    return hidden, None if base <= hidden else hidden / base
+
+
+def hf_config(args: TransformerModelArgs, dtype: torch.dtype) -> dict:
+    """config.json content that `LlamaForCausalLM.from_pretrained` reads."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        **to_hf_config(args),
+        "dtype": str(dtype).removeprefix("torch."),
     }

@@ -1,6 +1,7 @@
-"""Pipeline parallelism for Llama: split the meta model into stages and build a schedule.
+"""Pipeline parallelism for any family: split the meta model into stages and build a schedule.
 
-Each stage is the full model (rebuilt on the meta device) with the modules of other
+A family's spec names its stage split (``ModelSpec.pipeline_split``; ``build_stage_model`` here
+fits every decoder with ``tok_embeddings`` / ``layers`` / ``norm`` / ``output``). Each stage is the full model (rebuilt on the meta device) with the modules of other
 stages deleted, so parameter FQNs stay those of the full model ("layers.5.attention.wq.weight"
 on whichever rank holds layer 5): checkpoints do not depend on the pipeline layout. Each stage
 part then goes through the same parallelize / materialize / init as a whole model would.
@@ -213,7 +214,7 @@ def resolve_microbatches(requested: int, plan: _SchedulePlan, pp: int, num_stage
     return n
 
 
-def pipeline_llama(
+def build_pipeline(
     model: nn.Module,
     parallel_dims: ParallelDims,
     parallelism_cfg: ParallelismConfig,
@@ -221,6 +222,7 @@ def pipeline_llama(
     device: torch.device,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     build_part_fn: Callable[[nn.Module], nn.Module],
+    split_fn: Callable[[nn.Module, list[str], bool, bool], nn.Module] | None = None,
 ) -> Pipeline:
     """Split the meta ``model`` into this rank's stages and build the pipeline schedule.
 
@@ -228,8 +230,10 @@ def pipeline_llama(
     through (TP -> AC -> compile -> FSDP, ``to_empty``, seeded per-unit init) and returns it.
     ``loss_fn`` is called by the schedule once per microbatch on the last stage; the caller
     scales it (the schedule is built with ``scale_grads=False``: gradients are the plain sum
-    over microbatches, and accumulate over several ``step`` calls).
+    over microbatches, and accumulate over several ``step`` calls). ``split_fn(model, layer_names,
+    is_first, is_last)`` builds one stage's meta part (default ``build_stage_model``).
     """
+    split_fn = split_fn or build_stage_model
     pp, pp_rank = parallel_dims.pp, parallel_dims.coordinate("pp")
     plan = resolve_schedule(parallelism_cfg.pp_schedule)
     split_points = list(parallelism_cfg.pp_split_points)
@@ -250,7 +254,7 @@ def pipeline_llama(
     group = parallel_dims.submesh("pp").get_group()
     stages, parts = [], []
     for sid in stage_ids:
-        part = build_stage_model(model, layer_names[starts[sid]:starts[sid + 1]], sid == 0, sid == num_stages - 1)
+        part = split_fn(model, layer_names[starts[sid]:starts[sid + 1]], sid == 0, sid == num_stages - 1)
         part = build_part_fn(part)
         parts.append(part)
         stages.append(PipelineStage(part, sid, num_stages, device, group=group))

@@ -1,0 +1,130 @@
+"""Forward and backward over one rank's rows of a global batch, with or without a pipeline.
+
+Everything a training step does before the optimizer: microbatches (gradient accumulation),
+the context-parallel split of the sequence, autocast, the cross-entropy (loss-parallel under
+TP), the pipeline schedule. The trainer and the memory estimator run the same object.
+"""
+
+import contextlib
+from typing import Callable
+
+import torch
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
+
+from torchtitan.components.loss import cross_entropy
+from torchtitan.components.model_builder import BuiltModel
+from torchtitan.config.job_config import Training as TrainingConfig
+from torchtitan.models.moe import moe_modules
+from torchtitan.parallelisms.context_parallel import ContextParallel
+from torchtitan.parallelisms.parallel_dims import ParallelDims
+
+
+def plain_loss(loss: torch.Tensor) -> torch.Tensor:
+    """loss_parallel returns the loss as a replicated DTensor: the same value as a plain tensor."""
+    return loss.full_tensor() if isinstance(loss, DTensor) else loss
+
+
+class ForwardBackward:
+    """Built in two steps: the pipeline schedule needs ``pipeline_loss`` before the model exists,
+    so ``attach(built)`` hands the model over once it is built."""
+
+    def __init__(self, training: TrainingConfig, parallel_dims: ParallelDims, device: torch.device,
+                 cp: ContextParallel | None, local_bs: int, accum_steps: int, loss_parallel_enabled: bool,
+                 before_microbatch: Callable[[bool], None] | None = None):
+        self.training, self.parallel_dims, self.device, self.cp = training, parallel_dims, device, cp
+        self.local_bs, self.accum_steps = local_bs, accum_steps
+        self.loss_parallel = parallel_dims.tp_enabled and loss_parallel_enabled
+        self.before_microbatch = before_microbatch  # the memory estimator resets its tracker here
+        self.built: BuiltModel | None = None
+        self.autocast = self._autocast()
+
+    def attach(self, built: BuiltModel) -> None:
+        self.built = built
+        # MoE auxiliary losses add their gradient inside the model: scale it like the loss.
+        micro = built.pipeline.n_microbatches if built.pipeline is not None else 1
+        for part in built.parts:
+            for moe in moe_modules(part).values():
+                moe.aux_loss_scale = 1.0 / (self.accum_steps * micro)
+
+    def _autocast(self):
+        """bf16 compute without FSDP: autocast (FSDP's MixedPrecisionPolicy does it when sharding)."""
+        default = "bfloat16" if self.device.type == "cuda" else "float32"
+        dtype = self.training.mixed_precision_param or default
+        if dtype == "float32" or self.parallel_dims.fsdp_enabled:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=getattr(torch, dtype))
+
+    def loss_context(self):
+        """With TP loss_parallel the logits are vocab-sharded DTensors: the cross-entropy and its
+        backward must both run inside ``loss_parallel()``."""
+        return loss_parallel() if self.loss_parallel else contextlib.nullcontext()
+
+    def loss_fn(self, logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
+        # fp32 cross-entropy whatever the compute dtype: bf16 log-softmax over a 128K vocab loses bits.
+        return cross_entropy(logits_BTV, labels_BT, self.training.loss_chunk_tokens)
+
+    def pipeline_loss(self, logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
+        # The schedule sums microbatch losses (scale_grads=False): divide so that the sum over
+        # microbatches and accumulation steps is the mean over this rank's rows, as without PP.
+        n_micro = self.built.pipeline.n_microbatches
+        return self.loss_fn(logits_BTV, labels_BT) / (n_micro * self.accum_steps)
+
+    def set_gradient_sync(self, enabled: bool) -> None:
+        """FSDP: reduce-scatter only on the last microbatch (gradients accumulate unsharded)."""
+        if self.before_microbatch is not None:
+            self.before_microbatch(enabled)
+        if isinstance(self.built.model, FSDPModule):
+            self.built.model.set_requires_gradient_sync(enabled)
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        """Forward + backward of this rank's rows [G/dp, seq_len + 1]; returns their mean loss."""
+        if self.built.pipeline is not None:
+            return self.pipeline_forward_backward(batch)
+        return self.forward_backward(batch)
+
+    def forward_backward(self, batch: torch.Tensor) -> torch.Tensor:
+        """Forward and backward over this rank's rows, local_bs at a time; returns their mean loss."""
+        loss_sum = torch.zeros((), device=self.device)
+        micros = batch.split(self.local_bs)
+        for i, micro in enumerate(micros):
+            self.set_gradient_sync(i == len(micros) - 1)
+            micro = micro.to(self.device, non_blocking=True)
+            inputs, labels, cp_context = self.context_parallel_split(micro)
+            with cp_context:
+                with self.autocast:
+                    logits = self.built.model(inputs)
+                with self.loss_context():
+                    loss = self.loss_fn(logits, labels) / self.accum_steps
+                    del logits  # drop our reference before backward: autograd keeps only what it needs
+                    loss.backward()
+            loss_sum += plain_loss(loss.detach())
+        return loss_sum
+
+    def pipeline_forward_backward(self, batch: torch.Tensor) -> torch.Tensor:
+        """The schedule runs once per local batch (n_microbatches each; more calls = gradient
+        accumulation). Returns the mean loss over this rank's rows on every pp rank."""
+        pipe = self.built.pipeline
+        loss_sum = torch.zeros((), device=self.device)
+        for chunk in batch.split(self.local_bs):
+            chunk = chunk.to(self.device, non_blocking=True)
+            inputs, labels, cp_context = self.context_parallel_split(chunk)
+            args = (inputs,) if pipe.has_first_stage else ()
+            target = labels if pipe.has_last_stage else None
+            losses = []  # scaled microbatch losses; the schedule fills it on the last stage only
+            # loss_context wraps the whole step: loss and backward both run inside the schedule.
+            with cp_context, self.autocast, self.loss_context():
+                pipe.schedule.step(*args, target=target, losses=losses, return_outputs=False)
+            for loss in losses:
+                loss_sum += plain_loss(loss.detach())
+        # Only the last stage has the loss: a sum over pp (others add 0) gives it to every rank.
+        torch.distributed.all_reduce(loss_sum, group=self.parallel_dims.submesh("pp").get_group())
+        return loss_sum
+
+    def context_parallel_split(self, rows: torch.Tensor):
+        """(inputs, labels, context) of [B, seq_len + 1] rows: with CP, this rank's share of the sequence."""
+        inputs, labels = rows[:, :-1], rows[:, 1:]
+        if self.cp is None:
+            return inputs, labels, contextlib.nullcontext()
+        return self.cp.batch_context(self.built.parts, inputs.contiguous(), labels.contiguous())

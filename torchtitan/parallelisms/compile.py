@@ -1,0 +1,23 @@
+"""torch.compile applied per transformer block (family-independent)."""
+
+import torch.nn as nn
+
+from torchtitan.config.job_config import Compile as CompileConfig
+from torchtitan.tools.logging import logger
+
+
+def apply_compile(model: nn.Module, cfg: CompileConfig) -> None:
+    """Compile each block on its own: same graph for every layer, so it compiles once.
+
+    Under TP the blocks take and return Shard(1) DTensors (see tensor_parallel.apply_tp_edges),
+    which is what keeps per-block compile working together with sequence parallel. A
+    mixture-of-experts block has data-dependent shapes (tokens per expert, all-to-all splits):
+    it is compiled without ``fullgraph`` so dynamo may break the graph around them.
+    """
+    n_moe = 0
+    for block in model.layers.children():
+        moe = bool(getattr(block, "moe_enabled", False))
+        n_moe += moe
+        block.compile(backend=cfg.backend, fullgraph=not moe)
+    extra = f" ({n_moe} MoE blocks without fullgraph)" if n_moe else ""
+    logger.info(f"compiled each transformer block with torch.compile (backend {cfg.backend}){extra}")
