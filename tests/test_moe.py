@@ -110,6 +110,15 @@ def test_grouped_mm_equals_loop_forward_and_backward(counts):
             assert all(g[e].abs().max() == 0 for g in got[2])
 
 
+def test_grouped_mm_bf16_runs_forward_and_backward():
+    experts, x, counts_E = _experts_and_tokens([3, 0, 5, 2])
+    experts, x = experts.to(torch.bfloat16), x.detach().to(torch.bfloat16).requires_grad_(True)
+    assert experts._grouped_mm_ok(x, experts.w1)
+    got, ref = _run(experts, x, counts_E, True), _run(experts, x, counts_E, False)
+    for a, b in zip(got[:2] + tuple(got[2]), ref[:2] + tuple(ref[2])):
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+
+
 def test_dropless_every_token_reaches_top_k_experts():
     moe = _moe()
     moe(torch.randn(3, 7, DIM))
@@ -236,8 +245,8 @@ def _full(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def _check(case, got_out, want_out, got_grads, want_grads, group=None, sum_plain=False):
-    torch.testing.assert_close(got_out, want_out, atol=1e-5, rtol=1e-5, msg=f"{case}: output")
+def _check(case, got_out, want_out, got_grads, want_grads, group=None, sum_plain=False, what="output"):
+    torch.testing.assert_close(got_out, want_out, atol=1e-5, rtol=1e-5, msg=f"{case}: {what}")
     for name, want in want_grads.items():
         got = got_grads[name]
         if sum_plain:  # data-parallel ranks each hold the gradient of their own tokens
@@ -260,7 +269,28 @@ def _ep_case(rank, world):
     grads = {n: _full(p.grad).clone() for n, p in model.named_parameters()}
     experts = {n: grads.pop(n) for n in list(grads) if ".experts." in n}
     _check("ep", out.detach(), want[0][rank:rank + 1], experts, {n: want[2][n] for n in experts})
-    _check("ep", x_local.grad, want[1][rank:rank + 1], grads, {n: want[2][n] for n in grads}, sum_plain=True)
+    _check("ep", x_local.grad, want[1][rank:rank + 1], grads, {n: want[2][n] for n in grads}, sum_plain=True,
+           what="input grad")
+
+
+def _tp_case(rank, world):
+    """TP only: every rank holds all tokens of the batch and a slice of each expert's hidden dim."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    from torchtitan.parallelisms.expert_parallel import apply_moe_ep_tp
+
+    ref, x, g = _global_problem(1)
+    model = copy.deepcopy(ref)
+    want = _reference_grads(ref, x, g, 1.0)
+    mesh = dist.device_mesh.init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
+    apply_moe_ep_tp(model, mesh, None, None)
+    span = slice(2 * rank, 2 * rank + 2)
+    x_local = x[:, span].clone().requires_grad_(True)
+    out = model(DTensor.from_local(x_local, mesh, [Shard(1)]))
+    (out.to_local() * g[:, span]).sum().backward()
+    grads = {n: _full(p.grad).clone() for n, p in model.named_parameters()}
+    _check("tp", out.to_local().detach(), want[0][:, span], grads, want[2])
+    torch.testing.assert_close(x_local.grad, want[1][:, span], atol=1e-5, rtol=1e-5, msg="tp: input grad")
 
 
 def _ep_tp_case(rank, world):
@@ -286,7 +316,7 @@ def _ep_tp_case(rank, world):
            {n: want[2][n] for n in experts})
     ep_group = dims.ep_mesh().get_group()
     _check("ep_tp", x_local.grad, want[1][b:b + 1, 2 * t:2 * t + 2], grads, {n: want[2][n] for n in grads},
-           group=ep_group, sum_plain=True)
+           group=ep_group, sum_plain=True, what="input grad")
 
 
 def _fsdp_ep_case(rank, world):
@@ -315,7 +345,7 @@ def _fsdp_ep_case(rank, world):
     torch.testing.assert_close(x_local.grad, world * want[1][dp:dp + 1], atol=1e-5, rtol=1e-5)
 
 
-_CASES = {"ep": _ep_case, "ep_tp": _ep_tp_case, "fsdp_ep": _fsdp_ep_case}
+_CASES = {"ep": _ep_case, "tp": _tp_case, "ep_tp": _ep_tp_case, "fsdp_ep": _fsdp_ep_case}
 
 
 def _worker(rank, world, port, cases, errors):
@@ -347,8 +377,8 @@ def _spawn(world: int, cases: list[str]):
         raise AssertionError("\n".join(msgs) or str(e)) from None
 
 
-def test_ep2_matches_one_process():
-    _spawn(2, ["ep"])
+def test_ep2_and_tp2_match_one_process():
+    _spawn(2, ["ep", "tp"])
 
 
 def test_ep2_tp2_and_fsdp4_ep2_match_one_process():

@@ -19,6 +19,7 @@ from torchtitan.components.checkpoint import BlobState, CheckpointManager, Model
 from torchtitan.components.float8 import Float8Training
 from torchtitan.components.metrics import MetricsLogger
 from torchtitan.components.model_builder import BuiltModel, ModelBuilder
+from torchtitan.components.moe_monitor import MoEMonitor
 from torchtitan.components.optimizer import build_lr_scheduler, build_optimizer
 from torchtitan.components.tokenizer import build_tokenizer
 from torchtitan.components.train_step import ForwardBackward
@@ -149,6 +150,7 @@ class Trainer:
         self.step_fn.attach(self.built)
         self.model_parts = self.built.parts
         self.flops_per_token = self.built.flops_per_token
+        self.moe_monitor = MoEMonitor.for_model(self.model_parts, self.built.args, self.device)
         self.optimizer = build_optimizer(cfg.optimizer, self.parameters(), self.device.type)
         self.lr_scheduler = build_lr_scheduler(cfg.lr_scheduler, self.optimizer, cfg.training.steps)
         self.train_state = TrainState()
@@ -305,6 +307,8 @@ class Trainer:
             self.optimizer.step()
             self.float8.after_optimizer_step(self.model_parts)
             self.pending_check = PendingFiniteCheck(self.train_state.step, not_finite, loss_sum, grad_norm)
+        if self.moe_monitor is not None:  # routing counts of this step; the balancing bias moves
+            self.moe_monitor.after_step()
         self.optimizer.zero_grad(set_to_none=True)
         self.lr_scheduler.step()
         self.train_state.tokens_seen += batch.numel() - batch.shape[0]
@@ -356,7 +360,8 @@ class Trainer:
         loss_avg = dist_reduce(loss, "mean")
         record = self.metrics.log(
             step, loss_avg, grad_norm.item(), self.lr_scheduler.get_last_lr()[0],
-            extra={"skipped_steps": self.train_state.skipped_steps, "tokens_seen": self.train_state.tokens_seen},
+            extra={"skipped_steps": self.train_state.skipped_steps, "tokens_seen": self.train_state.tokens_seen,
+                   **(self.moe_monitor.metrics() if self.moe_monitor is not None else {})},
         )
         return record["loss"]
 

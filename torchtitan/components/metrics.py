@@ -154,6 +154,7 @@ class MetricsLogger:
             f"tps {r['tps']:,.0f}  mfu {mfu}  mem {r['memory_gib']:.2f}GiB  "
             f"data {r['data_loading_pct']:.1f}%  eta {_fmt_seconds(r['eta_s'])}"
             + (f"  skipped {r['skipped_steps']}" if r.get("skipped_steps") else "")
+            + (f"  moe_imbalance {r['moe_load_imbalance']:.2f}" if "moe_load_imbalance" in r else "")
         )
         self.jsonl.write(json.dumps(r) + "\n")
         self.jsonl.flush()

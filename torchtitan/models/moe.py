@@ -234,10 +234,10 @@ class MoE(nn.Module):
         if want_grad:
             total = a.aux_loss_coeff * aux + a.z_loss_coeff * z
             out_ND = _AddAuxLossGrad.apply(out_ND, total, self.aux_loss_scale)
-        self._accumulate(counts_E, aux, z)
+        self._accumulate(counts_E, aux, z, routed=scores_NE.shape[0] * self.top_k)
         return out_ND
 
-    def _accumulate(self, counts_E, aux, z) -> None:
+    def _accumulate(self, counts_E, aux, z, routed: int) -> None:
         # Activation-checkpoint recomputation runs inside backward: that forward already counted.
         if torch._C._current_graph_task_id() != -1:
             return
@@ -248,11 +248,12 @@ class MoE(nn.Module):
         s["aux_loss"] += aux.detach().float()
         s["z_loss"] += z.detach().float()
         s["forwards"] += 1
+        s["routed"] += routed  # token copies asked for: N x top_k (dropless: all reach an expert)
 
     def _zero_stats(self, device) -> dict[str, torch.Tensor]:
         zero = lambda *shape: torch.zeros(*shape, dtype=torch.float32, device=device)  # noqa: E731
         return {"tokens_per_expert": zero(self.num_experts), "aux_loss": zero(()), "z_loss": zero(()),
-                "forwards": zero(())}
+                "forwards": zero(()), "routed": zero(())}
 
     def pop_stats(self) -> dict[str, torch.Tensor]:
         """Token counts per expert [E] (fp32), summed aux/z loss values and the forward count since

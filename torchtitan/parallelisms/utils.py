@@ -144,18 +144,27 @@ def dist_reduce(x: torch.Tensor, op: str, group=None) -> float:
 def clip_grad_norm_(params, max_norm: float, pp_group=None) -> torch.Tensor:
     """Total gradient norm over every parameter of the model (all ranks), clipped to ``max_norm``.
 
-    With DTensor gradients (FSDP, TP) the norm of each is already global over its mesh;
-    pipeline stages hold disjoint parameters, so their squared norms are summed over ``pp_group``.
-    ``max_norm <= 0`` only measures.
+    With DTensor gradients (FSDP, TP, EP) the norm of each is already global over its mesh.
+    Gradients live on different meshes (expert parallel: the experts on their EP mesh, the rest
+    on the FSDP mesh), and DTensor ops cannot mix meshes: the norm is taken per mesh and the
+    squares added. Pipeline stages hold disjoint parameters, so their squared norms are summed
+    over ``pp_group``. ``max_norm <= 0`` only measures.
     """
-    params = [p for p in params if p.grad is not None]
-    total = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
-    if hasattr(total, "full_tensor"):
-        total = total.full_tensor()
+    groups: dict = {}
+    for p in params:
+        if p.grad is not None:
+            groups.setdefault(getattr(p.grad, "device_mesh", None), []).append(p)
+    norms = []
+    for group in groups.values():
+        norm = torch.nn.utils.get_total_norm([p.grad for p in group], foreach=True)
+        norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    # One mesh (every layout without EP): that norm itself, bit for bit as before.
+    total = norms[0] if len(norms) == 1 else torch.stack(norms).square().sum().sqrt()
     if pp_group is not None:
         total = total**2
         dist.all_reduce(total, group=pp_group)
         total = total.sqrt()
     if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
+        for group in groups.values():
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total, foreach=True)
     return total
