@@ -235,3 +235,24 @@ def test_malicious_meta_pth_is_refused(tmp_path):
     assert "refused to unpickle" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert not marker.exists(), "the malicious pickle ran"
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("extra,fragments", [
+    (["--parallelism.ep", "2", "--parallelism.dp_shard", "1", "--parallelism.dp_replicate", "1"], ("parallelism.ep=2",)),
+    (["--model.name", "qwen", "--parallelism.ep", "1"], ("model.name 'qwen'", "qwen3")),
+    (["--model.name", "qwen3", "--model.flavor", "debugmodel_mo"], ("debugmodel_moe",)),
+    (["--moe.score_func", "relu"], ("moe.score_func", "softmax")),
+])
+def test_model_and_expert_parallel_mistakes_are_one_line(extra, fragments, tmp_path, cache_dir):
+    assert_user_error(train(tiny_args(tmp_path, cache_dir, 1, *extra)), *fragments)
+
+
+def test_expert_parallel_on_a_dense_model_is_refused(tmp_path, cache_dir):
+    """One process cannot hold ep=2, but the dense-model check comes first when it can: ask the builder."""
+    from torchtitan.components.model_builder import build_model_args
+    from torchtitan.config.manager import ConfigManager
+    from torchtitan.models.registry import get_spec
+
+    cfg = ConfigManager().parse_args(["--model.name", "qwen3", "--model.flavor", "debugmodel", "--parallelism.ep", "2"])
+    with pytest.raises(ValueError, match=r"parallelism.ep=2 needs a mixture-of-experts model.*debugmodel_moe"):
+        build_model_args(cfg, get_spec("qwen3"), 2048)

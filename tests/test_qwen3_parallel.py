@@ -49,6 +49,8 @@ EP2 = ["--parallelism.ep", "2"]
     ("fsdp2_x_ep2", 4, EP2),
     ("ep2_x_tp2", 4, EP2 + ["--parallelism.tp", "2"]),
     ("pp2_x_ep2", 4, EP2 + ["--parallelism.pp", "2"]),
+    ("ep2_compile_op_ac", 2, EP2 + ["--compile.enable", "--activation_checkpoint.mode", "selective",
+                                    "--activation_checkpoint.selective_ac_option", "op"]),
 ])
 def test_qwen3_moe_layouts_match_one_process(name, nproc, extra, tmp_path, cache_dir, references):
     worst = assert_losses_match(_run(nproc, tmp_path, cache_dir, MOE, extra), references["moe"])

@@ -69,6 +69,8 @@ def apply_ac(model: nn.Module, ac: ACConfig) -> None:
     for i, (name, block) in enumerate(model.layers.named_children()):
         if i % every:
             continue
-        kwargs = {"context_fn": context_fn} if context_fn else {}
+        # An MoE block under the op policy is checkpointed whole: its token dispatch reads the
+        # all-to-all split sizes on the host, which the op-level replay cannot reproduce.
+        kwargs = {"context_fn": context_fn} if context_fn and not getattr(block, "moe_enabled", False) else {}
         model.layers.register_module(name, checkpoint_wrapper(block, preserve_rng_state=False, **kwargs))
     logger.info(f"activation checkpointing: {ac.mode} {ac.selective_ac_option if ac.mode == 'selective' else ''}")

@@ -12,12 +12,14 @@ def apply_compile(model: nn.Module, cfg: CompileConfig) -> None:
     Under TP the blocks take and return Shard(1) DTensors (see tensor_parallel.apply_tp_edges),
     which is what keeps per-block compile working together with sequence parallel. A
     mixture-of-experts block has data-dependent shapes (tokens per expert, all-to-all splits):
-    it is compiled without ``fullgraph`` so dynamo may break the graph around them.
+    only its attention is compiled, the MoE (router, dispatch, grouped GEMM) runs eagerly.
     """
     n_moe = 0
     for block in model.layers.children():
-        moe = bool(getattr(block, "moe_enabled", False))
-        n_moe += moe
-        block.compile(backend=cfg.backend, fullgraph=not moe)
-    extra = f" ({n_moe} MoE blocks without fullgraph)" if n_moe else ""
+        if getattr(block, "moe_enabled", False):
+            n_moe += 1
+            block.attention.compile(backend=cfg.backend, fullgraph=True)
+        else:
+            block.compile(backend=cfg.backend, fullgraph=True)
+    extra = f" ({n_moe} MoE blocks: attention only)" if n_moe else ""
     logger.info(f"compiled each transformer block with torch.compile (backend {cfg.backend}){extra}")
