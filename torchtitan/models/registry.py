@@ -134,6 +134,20 @@ def spec_for_hf_model_type(model_type: str) -> ModelSpec:
     )
 
 
+def args_of_flavor(family: str, flavors: dict, flavor: str, vocab_size: int, max_seq_len: int,
+                   n_layers: int = 0, dim: int = 0, n_kv_heads: int = 0, attention_backend: str = "auto"):
+    """A flavor's args with the tokenizer's vocab, the training seq_len and overrides (0 = keep):
+    the ``build_args`` of a family whose args have these fields."""
+    if flavor not in flavors:
+        raise flavor_error(family, flavor, list(flavors))
+    overrides = {"vocab_size": vocab_size, "max_seq_len": max_seq_len, "attention_backend": attention_backend}
+    for key, value in (("n_layers", n_layers), ("dim", dim), ("n_kv_heads", n_kv_heads)):
+        if value > 0:
+            overrides[key] = value
+    # replace() builds a new instance (shared defaults stay untouched) and re-runs validation.
+    return dataclasses.replace(flavors[flavor], **overrides)
+
+
 def flavor_error(family: str, flavor: str, valid: list[str]) -> ValueError:
     """The one message every family gives for an unknown flavor (case-insensitive did-you-mean)."""
     by_lower = {name.lower(): name for name in valid}

@@ -1,9 +1,7 @@
 """Llama 3 flavors: the published shapes plus small test models, and the builder of args."""
 
-from dataclasses import replace
-
 from torchtitan.models.llama.model import RoPEScalingArgs, TransformerModelArgs
-from torchtitan.models.registry import flavor_error
+from torchtitan.models.registry import args_of_flavor
 
 # Llama 3.2 (1B, 3B) was trained with a 32x context extension, Llama 3.1 (8B-405B) with 8x.
 _LLAMA32_SCALING = RoPEScalingArgs(factor=32.0)
@@ -44,14 +42,5 @@ def build_model_args(
     attention_backend: str = "auto",
 ) -> TransformerModelArgs:
     """Args of `flavor` with the tokenizer's vocab, the training seq_len and overrides (0 = keep)."""
-    if flavor not in llama3_configs:
-        raise flavor_error("llama3", flavor, list(llama3_configs))
-    overrides = {"vocab_size": vocab_size, "max_seq_len": max_seq_len, "attention_backend": attention_backend}
-    if n_layers > 0:
-        overrides["n_layers"] = n_layers
-    if dim > 0:
-        overrides["dim"] = dim
-    if n_kv_heads > 0:
-        overrides["n_kv_heads"] = n_kv_heads
-    # replace() builds a new instance (shared defaults stay untouched) and re-runs validation.
-    return replace(llama3_configs[flavor], **overrides)
+    args = args_of_flavor("llama3", llama3_configs, flavor, vocab_size, max_seq_len, n_layers, dim, n_kv_heads, attention_backend)
+    return args

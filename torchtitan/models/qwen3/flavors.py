@@ -4,7 +4,7 @@ from dataclasses import replace
 
 from torchtitan.models.moe import MoEArgs
 from torchtitan.models.qwen3.model import Qwen3ModelArgs
-from torchtitan.models.registry import flavor_error
+from torchtitan.models.registry import args_of_flavor
 
 
 def _published_moe(hidden_dim: int) -> MoEArgs:
@@ -52,16 +52,7 @@ def build_model_args(
     attention_backend: str = "auto",
 ) -> Qwen3ModelArgs:
     """Args of `flavor` with the tokenizer's vocab, the training seq_len and overrides (0 = keep)."""
-    if flavor not in qwen3_configs:
-        raise flavor_error("qwen3", flavor, list(qwen3_configs))
-    overrides = {"vocab_size": vocab_size, "max_seq_len": max_seq_len, "attention_backend": attention_backend}
-    if n_layers > 0:
-        overrides["n_layers"] = n_layers
-    if dim > 0:
-        overrides["dim"] = dim
-    if n_kv_heads > 0:
-        overrides["n_kv_heads"] = n_kv_heads
-    if qwen3_configs[flavor].moe is not None:
-        overrides["moe"] = replace(qwen3_configs[flavor].moe)  # a copy: the flavor's stays untouched
-    # replace() builds a new instance (shared defaults stay untouched) and re-runs validation.
-    return replace(qwen3_configs[flavor], **overrides)
+    args = args_of_flavor("qwen3", qwen3_configs, flavor, vocab_size, max_seq_len, n_layers, dim, n_kv_heads, attention_backend)
+    if args.moe is not None:
+        args.moe = replace(args.moe)  # a copy: the flavor's own MoEArgs stay untouched
+    return args
