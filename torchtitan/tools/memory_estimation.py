@@ -12,7 +12,7 @@ Methods, named in the output:
 - ``FSDPMemTracker``: FSDP/HSDP layouts without TP/PP/CP (tracks sharded/unsharded params,
   grads, optimizer state, activations and temporaries at the peak);
 - ``MemTracker``: one process with ``disable_fake_mode`` (real tensors);
-- ``analytic``: everything else (TP, PP, CP, DDP, one process on fake tensors), or when a
+- ``analytic``: everything else (TP, PP, CP, EP, DDP, one process on fake tensors), or when a
   tracker fails. Parameter bytes are still exact (summed over this rank's local shards of the
   model the trainer builds, on the meta device);
   activations come from a per-block formula (see ``analytic_activation_bytes``).
@@ -193,7 +193,8 @@ def _device() -> torch.device:
 
 
 def pick_method(dims, fake: bool) -> str:
-    if dims.tp_enabled or dims.pp_enabled or dims.cp_enabled:
+    # EP: the all-to-all's split sizes are token counts, which fake tensors do not have.
+    if dims.tp_enabled or dims.pp_enabled or dims.cp_enabled or dims.ep_enabled:
         return "analytic"
     if dims.fsdp_enabled:
         return "FSDPMemTracker"
