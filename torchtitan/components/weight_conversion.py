@@ -30,7 +30,9 @@ MODEL_ARGS_FILE = "model_args.json"  # written beside converted DCP weights: exp
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _DEFAULT_MAX_SEQ_LEN = 8192  # RoPE table length when the source does not say (a training run sets its own)
 
-_DEFAULT_FAMILY = "llama3"  # model_args.json files written before families had names
+# model_args.json files written before families had names, and config.json without model_type
+# (hand-written Llama configs), are read as this family's.
+_DEFAULT_FAMILY = "llama3"
 _DEFAULT_MAX_SEQ_LEN = 8192  # RoPE table length when the source does not say (a training run sets its own)
 
 # ----------------------------------------------------------------------------- model args
@@ -60,7 +62,12 @@ def match_flavor(args) -> Optional[str]:
 
 def hf_config_to_args(config: dict):
     """config.json -> the args of the family that reads its ``model_type``."""
-    return spec_for_hf_model_type(config.get("model_type", "")).hf.config_to_args(config)
+    return _hf_spec(config).hf.config_to_args(config)
+
+
+def _hf_spec(config: dict) -> ModelSpec:
+    model_type = config.get("model_type") or get_spec(_DEFAULT_FAMILY).hf.model_types[0]
+    return spec_for_hf_model_type(model_type)
 
 
 def check_state_dict(sd: dict[str, torch.Tensor], args) -> None:
@@ -159,7 +166,7 @@ def load_hf_checkpoint(
     if not (folder / "config.json").is_file():
         raise ValueError(f"{folder} has no config.json: not a Hugging Face model folder")
     config = json.loads((folder / "config.json").read_text())
-    spec = spec_for_hf_model_type(config.get("model_type", ""))
+    spec = _hf_spec(config)
     args = spec.hf.config_to_args(config)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
