@@ -2,7 +2,8 @@
 
 Order of set-up (each a ``build_*`` function below): process group -> mesh ->
 tokenizer -> data -> model on the meta device -> parallelize -> materialize and
-init -> optimizer -> lr schedule -> checkpoint load -> metrics.
+init -> optimizer -> lr schedule -> checkpoint load -> metrics. The model is whatever family
+``model.name`` names in the registry (components/model_builder.py); the trainer names none.
 """
 
 import gc
