@@ -67,9 +67,6 @@ class ModelSpec:
     # attention backend are set aside).
     shape_key: Callable[[Any], Any] | None = None
 
-    def args_to_dict(self, args) -> dict:
-        return dataclasses.asdict(args)
-
     def args_from(self, d: dict):
         return self.args_from_dict(d) if self.args_from_dict else self.args_cls(**d)
 
