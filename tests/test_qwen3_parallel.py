@@ -59,12 +59,17 @@ def test_qwen3_moe_layouts_match_one_process(name, nproc, extra, tmp_path, cache
     assert all(r["moe_dropped_tokens"] == 0 and r["moe_load_imbalance"] >= 1.0 for r in records), records[-1]
 
 
-def test_moe_checkpoint_resumes_exactly_on_another_layout(tmp_path, cache_dir, references):
-    """Saved at step 3 under dp_shard 2 x ep 2 (4 ranks), resumed from it on one process to step 5."""
+@pytest.mark.parametrize("name,nproc,extra", [
+    ("one_process", 1, []),
+    pytest.param("ep4", 4, ["--parallelism.ep", "4"], marks=pytest.mark.slow),
+    pytest.param("pp2_x_ep2", 4, EP2 + ["--parallelism.pp", "2"], marks=pytest.mark.slow),
+])
+def test_moe_checkpoint_resumes_exactly_on_another_layout(name, nproc, extra, tmp_path, cache_dir, references):
+    """Saved at step 3 under dp_shard 2 x ep 2 (4 ranks), resumed from it under another layout to step 5."""
     ckpt = ["--checkpoint.enable", "--checkpoint.interval", "3"]
     _run(4, tmp_path, cache_dir, MOE, EP2 + ckpt)
     (tmp_path / "metrics.jsonl").unlink()
-    resumed = _run(1, tmp_path, cache_dir, MOE, ckpt + ["--checkpoint.load_step", "3"])
+    resumed = _run(nproc, tmp_path, cache_dir, MOE, ckpt + ["--checkpoint.load_step", "3", *extra])
     reference = {step: loss for step, loss in references["moe"].items() if step > 3}
     worst = assert_losses_match(resumed, reference)
-    print(f"\nmoe resume dp_shard2 x ep2 -> 1 process: worst relative loss difference {worst:.2e}")
+    print(f"\nmoe resume dp_shard2 x ep2 -> {name}: worst relative loss difference {worst:.2e}")
