@@ -1,7 +1,8 @@
 """Routing statistics and aux-loss-free balancing of the MoE layers, across every layout.
 
-After each optimizer step the per-layer token counts of this rank's MoE layers are summed over
-all ranks (one all-reduce of a [layers, experts] tensor, no host sync): data-, context- and
+The per-layer token counts of this rank's MoE layers are summed over all ranks (one all-reduce
+of a [layers, experts] tensor, no host sync): after every optimizer step when the balancing bias
+is on (it needs this step's counts), else once per log window. Data-, context- and
 expert-parallel ranks saw different tokens, pipeline stages hold different layers (other
 layers' rows are zero), and tensor-parallel ranks see the same tokens (a constant factor the
 ratios below do not feel). The summed counts move each layer's balancing bias (DeepSeek-V3,
@@ -24,12 +25,14 @@ _COLUMNS = 4  # per layer besides the experts: aux loss, z loss, forwards, token
 
 
 class MoEMonitor:
-    def __init__(self, model_parts: list[nn.Module], n_layers: int, num_experts: int, device: torch.device):
+    def __init__(self, model_parts: list[nn.Module], n_layers: int, num_experts: int, device: torch.device,
+                 balancing: bool):
         self.modules = {}
         for part in model_parts:
             for fqn, moe in moe_modules(part).items():
                 self.modules[int(fqn.split(".")[1])] = moe  # "layers.<id>.moe"
         self.n_layers, self.num_experts, self.device = n_layers, num_experts, device
+        self.balancing = balancing  # the same on every rank: the config decides, not the stage
         self.window = None
 
     @classmethod
@@ -37,28 +40,31 @@ class MoEMonitor:
         """None for a dense model. Every rank must agree: a family is MoE or not, whatever the stage."""
         if getattr(args, "moe", None) is None:
             return None
-        return cls(model_parts, args.n_layers, args.moe.num_experts, device)
+        return cls(model_parts, args.n_layers, args.moe.num_experts, device, args.moe.load_balance_coeff > 0)
 
     def after_step(self) -> None:
-        """Collective: every rank calls it once per optimizer step, after ``optimizer.step()``."""
+        """Every rank calls it once per optimizer step, after ``optimizer.step()`` (a collective
+        when balancing)."""
         stats = torch.zeros(self.n_layers, self.num_experts + _COLUMNS, device=self.device)
         for layer, moe in self.modules.items():
             s = moe.pop_stats()
             E = s["tokens_per_expert"].numel()
             stats[layer, :E] = s["tokens_per_expert"].to(self.device)
             stats[layer, E:] = torch.stack([s["aux_loss"], s["z_loss"], s["forwards"], s["routed"]]).to(self.device)
-        if torch.distributed.get_world_size() > 1:
-            torch.distributed.all_reduce(stats)
-        for layer, moe in self.modules.items():
-            if moe.expert_bias is not None:
+        if self.balancing:
+            _sum_over_ranks(stats)
+            for layer, moe in self.modules.items():
                 moe.update_expert_bias(stats[layer, : moe.num_experts])
         self.window = stats if self.window is None else self.window + stats
 
     def metrics(self) -> dict[str, float]:
-        """The window's ``moe_*`` values (host sync: call on log steps), then a new window."""
+        """The window's ``moe_*`` values (host sync; a collective without balancing: every rank
+        calls it on log steps), then a new window."""
         window, self.window = self.window, None
         if window is None:
             return {}
+        if not self.balancing:  # summed per step already when balancing
+            _sum_over_ranks(window)
         E = self.num_experts
         counts, aux, z, forwards, routed = (window[:, :E], window[:, E], window[:, E + 1], window[:, E + 2],
                                             window[:, E + 3])
@@ -73,3 +79,8 @@ class MoEMonitor:
             "moe_z_loss": (z[moe_layers].sum() / n).item(),
             "moe_dropped_tokens": int((routed[moe_layers].sum() - counts.sum()).item()),
         }
+
+
+def _sum_over_ranks(stats: torch.Tensor) -> None:
+    if torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(stats)

@@ -136,3 +136,31 @@ class FeedForward(nn.Module):
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x_BTD)) * self.w3(x_BTD))
+
+
+def grouped_query_attention(sdpa: nn.Module, q_BTHE: torch.Tensor, k_BTKE: torch.Tensor, v_BTKE: torch.Tensor,
+                            n_rep: int) -> torch.Tensor:
+    """Attention of [B, T, heads, E] q/k/v (after RoPE) -> [B, T, H x E], through ``sdpa`` (a module:
+    context parallel swaps it). Query head h reads kv head h // n_rep (Meta's and HF's repeat_kv)."""
+    B, T = q_BTHE.shape[:2]
+    k_BTHE = k_BTKE.repeat_interleave(n_rep, dim=2) if n_rep > 1 else k_BTKE  # MHA: no copy
+    v_BTHE = v_BTKE.repeat_interleave(n_rep, dim=2) if n_rep > 1 else v_BTKE
+    out_BHTE = sdpa(q_BTHE.transpose(1, 2), k_BTHE.transpose(1, 2), v_BTHE.transpose(1, 2))
+    return out_BHTE.transpose(1, 2).reshape(B, T, -1)
+
+
+def block_init_std(layer_id: int, n_layers: int, depth_init: bool) -> float:
+    """Init std of a block's output projections: scaled by the block's depth, or by the model's."""
+    return 0.02 / (2 * (layer_id + 1)) ** 0.5 if depth_init else 0.02 / (2 * n_layers) ** 0.5
+
+
+def decoder_forward(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """tokens_BT (int) -> logits_BTV through ``tok_embeddings``, ``layers``, ``norm``, ``output``;
+    a later pipeline stage (whose first / last modules are None) gets and returns h_BTD instead."""
+    h_BTD = model.tok_embeddings(tokens) if model.tok_embeddings is not None else tokens
+    if h_BTD.shape[1] > model.freqs_cis.shape[0]:
+        raise ValueError(f"sequence length {h_BTD.shape[1]} exceeds max_seq_len {model.freqs_cis.shape[0]}")
+    for layer in model.layers.values():
+        h_BTD = layer(h_BTD, model.freqs_cis)
+    h_BTD = model.norm(h_BTD) if model.norm is not None else h_BTD
+    return model.output(h_BTD) if model.output is not None else h_BTD

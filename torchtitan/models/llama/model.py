@@ -25,6 +25,9 @@ from torchtitan.models.layers import (  # noqa: F401  (re-exported: older import
     RMSNorm,
     RoPEScalingArgs,
     apply_rotary_emb,
+    block_init_std,
+    decoder_forward,
+    grouped_query_attention,
     precompute_rope_cos_sin,
 )
 
@@ -107,12 +110,7 @@ class Attention(nn.Module):
         v_BTKE = self.wv(x_BTD).view(B, T, -1, self.head_dim)
         q_BTHE = apply_rotary_emb(q_BTHE, freqs_cis)
         k_BTKE = apply_rotary_emb(k_BTKE, freqs_cis)
-        # Query head h reads kv head h // n_rep (same grouping as Meta and HF repeat_kv).
-        n_rep = self.n_heads // self.n_kv_heads
-        k_BTHE = k_BTKE.repeat_interleave(n_rep, dim=2) if n_rep > 1 else k_BTKE  # MHA: no copy
-        v_BTHE = v_BTKE.repeat_interleave(n_rep, dim=2) if n_rep > 1 else v_BTKE
-        out_BHTE = self.sdpa(q_BTHE.transpose(1, 2), k_BTHE.transpose(1, 2), v_BTHE.transpose(1, 2))
-        return self.wo(out_BHTE.transpose(1, 2).reshape(B, T, -1))
+        return self.wo(grouped_query_attention(self.sdpa, q_BTHE, k_BTKE, v_BTKE, self.n_heads // self.n_kv_heads))
 
 
 class TransformerBlock(nn.Module):
@@ -124,10 +122,7 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
         # Kept per block so the std stays right after pipeline splitting deletes other layers.
-        if args.depth_init:
-            self.weight_init_std = 0.02 / (2 * (layer_id + 1)) ** 0.5
-        else:
-            self.weight_init_std = 0.02 / (2 * args.n_layers) ** 0.5
+        self.weight_init_std = block_init_std(layer_id, args.n_layers, args.depth_init)
 
     def init_weights(self):
         for norm in (self.attention_norm, self.ffn_norm):
@@ -184,13 +179,7 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens_BT (int) -> logits_BTV; a later pipeline stage gets and returns h_BTD instead."""
-        h_BTD = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        if h_BTD.shape[1] > self.freqs_cis.shape[0]:
-            raise ValueError(f"sequence length {h_BTD.shape[1]} exceeds max_seq_len {self.freqs_cis.shape[0]}")
-        for layer in self.layers.values():
-            h_BTD = layer(h_BTD, self.freqs_cis)
-        h_BTD = self.norm(h_BTD) if self.norm is not None else h_BTD
-        return self.output(h_BTD) if self.output is not None else h_BTD
+        return decoder_forward(self, tokens)
 
 
 def get_nparams_and_flops(model: nn.Module, args: TransformerModelArgs, seq_len: int) -> tuple[int, int]:
