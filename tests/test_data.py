@@ -72,14 +72,23 @@ def loader(cfg, dp_rank=0, dp_degree=1, seq_len=SEQ_LEN, split="train"):
     return build_dataloader(cfg, ByteTokenizer(), seq_len, GLOBAL_BATCH, dp_rank, dp_degree, split)
 
 
-def take(dl, n: int) -> list[torch.Tensor]:
+def take(dl, n: int) -> list:
     return [next(dl) for _ in range(n)]
+
+
+def tokens(batches: list[dict]) -> torch.Tensor:
+    return torch.cat([b["tokens"] for b in batches])
+
+
+def cat_batches(batches: list[dict]) -> dict:
+    return {key: torch.cat([b[key] for b in batches]) for key in batches[0]}
 
 
 def assert_same(batches_a, batches_b):
     assert len(batches_a) == len(batches_b)
     for a, b in zip(batches_a, batches_b):
-        assert torch.equal(a, b)
+        assert a.keys() == b.keys() == {"tokens", "positions"}
+        assert all(torch.equal(a[key], b[key]) for key in a)
 
 
 # (a) resume equality ---------------------------------------------------------
@@ -104,7 +113,7 @@ def test_resume_continues_exactly(corpus, num_workers, small_stdlib, mixture_cfg
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_shuffled_windows_resume_exactly_and_mix_the_stream(num_workers, small_stdlib):
-    plain = torch.cat(take(loader(Data()), 40 + 16 // GLOBAL_BATCH + 1))
+    plain = tokens(take(loader(Data()), 40 + 16 // GLOBAL_BATCH + 1))
     cfg = Data(shuffle_windows=16, seed=3, num_workers=num_workers)
     dl = loader(cfg)
     first = take(dl, 21)
@@ -113,7 +122,7 @@ def test_shuffled_windows_resume_exactly_and_mix_the_stream(num_workers, small_s
     resumed = loader(cfg)
     resumed.load_state_dict(state)
     assert_same(take(resumed, 19), reference)
-    shuffled = torch.cat(first + reference)
+    shuffled = tokens(first + reference)
     assert not torch.equal(shuffled, plain[: len(shuffled)])  # the order changed ...
     rows = lambda t: Counter(tuple(r.tolist()) for r in t)  # noqa: E731
     assert rows(shuffled) <= rows(plain)  # ... every window comes from the stream, once ...
@@ -148,8 +157,8 @@ def test_dp_ranks_partition_the_global_batch(small_stdlib):
     rank0, rank1 = loader(cfg, 0, 2), loader(cfg, 1, 2)
     for global_BL in global_batches:
         rows0, rows1 = next(rank0), next(rank1)
-        assert rows0.shape == (GLOBAL_BATCH // 2, SEQ_LEN + 1)
-        assert torch.equal(torch.cat([rows0, rows1]), global_BL)
+        assert rows0["tokens"].shape == rows0["positions"].shape == (GLOBAL_BATCH // 2, SEQ_LEN + 1)
+        assert_same([cat_batches([rows0, rows1])], [global_BL])
     assert rank0.state_dict() == rank1.state_dict()  # saved once, valid for every rank
 
 
@@ -165,7 +174,7 @@ def test_state_saved_at_dp2_resumes_at_other_dp(new_dp, small_stdlib):
     for dl in ranks:
         dl.load_state_dict(state)
     for global_BL in reference:
-        assert torch.equal(torch.cat([next(dl) for dl in ranks]), global_BL)
+        assert_same([cat_batches([next(dl) for dl in ranks])], [global_BL])
 
 
 # (c) refusing a state saved for another stream ---------------------------------
@@ -189,9 +198,9 @@ def test_windows_are_the_concatenated_document_stream(tmp_path):
     source = FileListSource([write_jsonl(tmp_path / "d.jsonl", texts)])
     windows = iter(PackedDataset(source, ByteTokenizer(), seq_len=16))
     got = [next(windows) for _ in range(30)]
-    assert all(w.dtype == torch.int64 and w.shape == (17,) for w in got)
+    assert all(w["tokens"].dtype == torch.int64 and w["tokens"].shape == (17,) for w in got)
     expected = stream_of(texts) * 4  # the source loops over its epochs
-    assert torch.cat(got).tolist() == expected[: 30 * 17]
+    assert tokens(got).tolist() == expected[: 30 * 17]
     assert stream_of([""]) == [0, 1]  # an empty document is just bos, eos
 
 

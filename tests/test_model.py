@@ -204,5 +204,5 @@ def test_pinned_attention_backend_matches_auto_and_mha_override():
                                           attention_backend="math"))
     pinned.load_state_dict(auto.state_dict())
     torch.testing.assert_close(pinned(tokens), auto(tokens), rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="attention backend 'flex' is not one of auto, flash"):
-        build_model_args("debugmodel_tiny", vocab_size=100, max_seq_len=32, attention_backend="flex")
+    with pytest.raises(ValueError, match="attention backend 'flash2' is not one of auto, flash"):
+        build_model_args("debugmodel_tiny", vocab_size=100, max_seq_len=32, attention_backend="flash2")

@@ -114,7 +114,5 @@ class ModelBuilder:
         if self.init_weights:  # fake tensors (memory estimation) have no values to draw
             # The same seed gives the same weights however the model is laid out (see init.py).
             init_model_weights(model, self.spec.model_cls, args, cfg.training.seed, self.device)
-        if self.cp is not None:
-            self.cp.after_init(model)  # keep the RoPE rows of this rank's positions
         model.train()
         return model

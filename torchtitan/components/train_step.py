@@ -16,6 +16,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from torchtitan.components.loss import cross_entropy
 from torchtitan.components.model_builder import BuiltModel
 from torchtitan.config.job_config import Training as TrainingConfig
+from torchtitan.models.layers import document_ids_from_positions
 from torchtitan.models.moe import moe_modules
 from torchtitan.parallelisms.context_parallel import ContextParallel
 from torchtitan.parallelisms.parallel_dims import ParallelDims
@@ -32,8 +33,12 @@ class ForwardBackward:
 
     def __init__(self, training: TrainingConfig, parallel_dims: ParallelDims, device: torch.device,
                  cp: ContextParallel | None, local_bs: int, accum_steps: int, loss_parallel_enabled: bool,
-                 before_microbatch: Callable[[bool], None] | None = None):
+                 before_microbatch: Callable[[bool], None] | None = None, attention_mask: str = "causal",
+                 positions: str = "sequence"):
         self.training, self.parallel_dims, self.device, self.cp = training, parallel_dims, device, cp
+        self.block_causal, self.document_positions = attention_mask == "block_causal", positions == "document"
+        if cp is not None:
+            cp.check_document_inputs(self.block_causal, self.document_positions)
         self.local_bs, self.accum_steps = local_bs, accum_steps
         self.loss_parallel = parallel_dims.tp_enabled and loss_parallel_enabled
         self.before_microbatch = before_microbatch  # the memory estimator resets its tracker here
@@ -78,23 +83,23 @@ class ForwardBackward:
         if isinstance(self.built.model, FSDPModule):
             self.built.model.set_requires_gradient_sync(enabled)
 
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        """Forward + backward of this rank's rows [G/dp, seq_len + 1]; returns their mean loss."""
+    def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Forward + backward of this rank's rows ({"tokens", "positions"}: [G/dp, seq_len + 1] each);
+        returns their mean loss."""
         if self.built.pipeline is not None:
             return self.pipeline_forward_backward(batch)
         return self.forward_backward(batch)
 
-    def forward_backward(self, batch: torch.Tensor) -> torch.Tensor:
+    def forward_backward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Forward and backward over this rank's rows, local_bs at a time; returns their mean loss."""
         loss_sum = torch.zeros((), device=self.device)
-        micros = batch.split(self.local_bs)
+        micros = split_rows(batch, self.local_bs)
         for i, micro in enumerate(micros):
             self.set_gradient_sync(i == len(micros) - 1)
-            micro = micro.to(self.device, non_blocking=True)
-            inputs, labels, cp_context = self.context_parallel_split(micro)
+            inputs, labels, kwargs, cp_context = self.model_inputs(micro)
             with cp_context:
                 with self.autocast:
-                    logits = self.built.model(inputs)
+                    logits = self.built.model(inputs, **kwargs)
                 with self.loss_context():
                     loss = self.loss_fn(logits, labels) / self.accum_steps
                     del logits  # drop our reference before backward: autograd keeps only what it needs
@@ -102,29 +107,45 @@ class ForwardBackward:
             loss_sum += plain_loss(loss.detach())
         return loss_sum
 
-    def pipeline_forward_backward(self, batch: torch.Tensor) -> torch.Tensor:
+    def pipeline_forward_backward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The schedule runs once per local batch (n_microbatches each; more calls = gradient
         accumulation). Returns the mean loss over this rank's rows on every pp rank."""
         pipe = self.built.pipeline
         loss_sum = torch.zeros((), device=self.device)
-        for chunk in batch.split(self.local_bs):
-            chunk = chunk.to(self.device, non_blocking=True)
-            inputs, labels, cp_context = self.context_parallel_split(chunk)
+        for chunk in split_rows(batch, self.local_bs):
+            inputs, labels, kwargs, cp_context = self.model_inputs(chunk)
             args = (inputs,) if pipe.has_first_stage else ()
             target = labels if pipe.has_last_stage else None
             losses = []  # scaled microbatch losses; the schedule fills it on the last stage only
             # loss_context wraps the whole step: loss and backward both run inside the schedule.
+            # kwargs (positions, document ids) go to every stage: each stage's blocks need them.
             with cp_context, self.autocast, self.loss_context():
-                pipe.schedule.step(*args, target=target, losses=losses, return_outputs=False)
+                pipe.schedule.step(*args, target=target, losses=losses, return_outputs=False, **kwargs)
             for loss in losses:
                 loss_sum += plain_loss(loss.detach())
         # Only the last stage has the loss: a sum over pp (others add 0) gives it to every rank.
         torch.distributed.all_reduce(loss_sum, group=self.parallel_dims.submesh("pp").get_group())
         return loss_sum
 
-    def context_parallel_split(self, rows: torch.Tensor):
-        """(inputs, labels, context) of [B, seq_len + 1] rows: with CP, this rank's share of the sequence."""
-        inputs, labels = rows[:, :-1], rows[:, 1:]
-        if self.cp is None:
-            return inputs, labels, contextlib.nullcontext()
-        return self.cp.batch_context(self.built.parts, inputs.contiguous(), labels.contiguous())
+    def model_inputs(self, rows: dict[str, torch.Tensor]):
+        """(inputs, labels, model kwargs, context) of rows {"tokens", "positions"} [B, seq_len + 1]:
+        with CP, this rank's share of the sequence. The kwargs carry the RoPE positions and document
+        ids when ``model.positions`` / ``model.attention_mask`` ask for them (else nothing)."""
+        tokens = rows["tokens"].to(self.device, non_blocking=True)
+        inputs, labels = tokens[:, :-1], tokens[:, 1:]
+        positions = document_ids = None
+        if self.document_positions or self.block_causal:
+            doc_positions = rows["positions"].to(self.device, non_blocking=True)[:, :-1]
+            positions = doc_positions if self.document_positions else None
+            document_ids = document_ids_from_positions(doc_positions) if self.block_causal else None
+        if self.cp is not None:
+            return self.cp.batch_context(self.built.parts, inputs.contiguous(), labels.contiguous(),
+                                         positions, document_ids)
+        kwargs = {k: v for k, v in (("positions", positions), ("document_ids", document_ids)) if v is not None}
+        return inputs, labels, kwargs, contextlib.nullcontext()
+
+
+def split_rows(batch: dict[str, torch.Tensor], rows: int) -> list[dict[str, torch.Tensor]]:
+    """The batch cut into consecutive pieces of ``rows`` rows (microbatches)."""
+    pieces = {key: value.split(rows) for key, value in batch.items()}
+    return [dict(zip(pieces, parts)) for parts in zip(*pieces.values())]

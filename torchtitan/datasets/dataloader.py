@@ -31,7 +31,8 @@ _PREFETCH_FACTOR = 2  # global batches each worker prepares ahead
 
 
 class DistributedDataLoader(Stateful):
-    """Iterates this rank's rows of each global batch: LongTensor [G // dp, seq_len + 1].
+    """Iterates this rank's rows of each global batch: {"tokens", "positions"}, each a LongTensor
+    [G // dp, seq_len + 1] (positions: of each token inside its document, see packing.py).
 
     State: {"loader": StatefulDataLoader state, "fingerprint": {...}, "version": 1},
     identical on every rank.
@@ -47,11 +48,11 @@ class DistributedDataLoader(Stateful):
     def __iter__(self):
         return self
 
-    def __next__(self) -> torch.Tensor:
+    def __next__(self) -> dict[str, torch.Tensor]:
         if self._iterator is None:
             self._iterator = iter(self.loader)
-        batch_GL = next(self._iterator)  # G x (seq_len + 1), the same on every rank
-        return batch_GL[self.rows]
+        batch = next(self._iterator)  # G x (seq_len + 1) each, the same on every rank
+        return {key: rows_GL[self.rows] for key, rows_GL in batch.items()}
 
     def state_dict(self) -> dict:
         # With num_workers=0 this is the dataset's state right after the last batch
@@ -107,6 +108,8 @@ def stream_fingerprint(data_cfg, tokenizer, seq_len: int, global_batch_size: int
         "split": split,
         # Not part of the stream, but the saved loader state holds one snapshot per worker.
         "num_workers": data_cfg.num_workers,
+        # Only when set: checkpoints from before the key existed resume unchanged.
+        **({"max_document_tokens": data_cfg.max_document_tokens} if data_cfg.max_document_tokens else {}),
     }
 
 
@@ -131,6 +134,7 @@ def build_dataloader(
     dataset = PackedDataset(
         build_source(data_cfg, split), tokenizer, seq_len, global_batch_size,
         shuffle_windows=data_cfg.shuffle_windows, seed=data_cfg.seed,
+        max_document_tokens=data_cfg.max_document_tokens,
     )
     workers = data_cfg.num_workers
     loader = StatefulDataLoader(

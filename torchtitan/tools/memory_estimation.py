@@ -154,7 +154,8 @@ def build_run(cfg: JobConfig, device: torch.device, tensor_mode=contextlib.nullc
     float8 = Float8Training(cfg.float8, device, dims.fsdp_enabled)
     hooks: list = []
     step_fn = ForwardBackward(cfg.training, dims, device, cp, local_bs, accum, cfg.parallelism.loss_parallel,
-                              before_microbatch=lambda enabled: [h() for h in hooks])
+                              before_microbatch=lambda enabled: [h() for h in hooks],
+                              attention_mask=cfg.model.attention_mask, positions=cfg.model.positions)
     with tensor_mode():
         built = ModelBuilder(cfg, dims, device, cp, float8, init_weights=False).build(
             vocab, local_bs, step_fn.pipeline_loss)
@@ -166,10 +167,12 @@ def build_run(cfg: JobConfig, device: torch.device, tensor_mode=contextlib.nullc
                        hooks)
 
 
-def fake_batch(t: EstimateRun) -> torch.Tensor:
-    """This rank's rows of one global batch, [local_bs x accumulation, seq_len + 1] token ids."""
-    rows = t.local_bs * t.accum_steps
-    return torch.randint(0, t.vocab_size, (rows, t.cfg.training.seq_len + 1))
+def fake_batch(t: EstimateRun) -> dict[str, torch.Tensor]:
+    """This rank's rows of one global batch: [local_bs x accumulation, seq_len + 1] token ids and
+    their in-document positions (one document per row)."""
+    rows, window = t.local_bs * t.accum_steps, t.cfg.training.seq_len + 1
+    return {"tokens": torch.randint(0, t.vocab_size, (rows, window)),
+            "positions": torch.arange(window).expand(rows, -1).contiguous()}
 
 
 def run_train_steps(t: EstimateRun, steps: int) -> None:

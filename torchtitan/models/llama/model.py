@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from torchtitan.models.layers import (  # noqa: F401  (re-exported: older imports name llama.model)
-    SDPA_BACKENDS,
+    ATTENTION_BACKENDS,
+    AttentionInputs,
     CausalSDPA,
     FeedForward,
     RMSNorm,
@@ -46,7 +47,7 @@ class TransformerModelArgs:
     rope_scaling: Optional[RoPEScalingArgs] = None  # None = plain RoPE
     max_seq_len: int = 8192  # length of the precomputed RoPE table
     depth_init: bool = True  # scale output-projection init by layer depth
-    attention_backend: str = "auto"  # SDPA kernel: auto | flash | cudnn | efficient | math
+    attention_backend: str = "auto"  # auto | flash | cudnn | efficient | math | flex
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -57,9 +58,9 @@ class TransformerModelArgs:
             raise ValueError(f"n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}")
         if self.head_dim % 2 != 0:
             raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
-        if self.attention_backend not in SDPA_BACKENDS:
+        if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(
-                f"attention backend {self.attention_backend!r} is not one of {', '.join(SDPA_BACKENDS)}"
+                f"attention backend {self.attention_backend!r} is not one of {', '.join(ATTENTION_BACKENDS)}"
             )
 
     @property
@@ -102,15 +103,15 @@ class Attention(nn.Module):
             nn.init.trunc_normal_(linear.weight, mean=0.0, std=0.02)
         nn.init.trunc_normal_(self.wo.weight, mean=0.0, std=init_std)
 
-    def forward(self, x_BTD: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor, attn: AttentionInputs) -> torch.Tensor:
         B, T, _ = x_BTD.shape
         # -1 instead of n_heads: under tensor parallelism each rank holds a slice of the heads.
         q_BTHE = self.wq(x_BTD).view(B, T, -1, self.head_dim)
         k_BTKE = self.wk(x_BTD).view(B, T, -1, self.head_dim)
         v_BTKE = self.wv(x_BTD).view(B, T, -1, self.head_dim)
-        q_BTHE = apply_rotary_emb(q_BTHE, freqs_cis)
-        k_BTKE = apply_rotary_emb(k_BTKE, freqs_cis)
-        return self.wo(grouped_query_attention(self.sdpa, q_BTHE, k_BTKE, v_BTKE, self.n_heads // self.n_kv_heads))
+        q_BTHE = apply_rotary_emb(q_BTHE, attn.rope)
+        k_BTKE = apply_rotary_emb(k_BTKE, attn.rope)
+        return self.wo(grouped_query_attention(self.sdpa, q_BTHE, k_BTKE, v_BTKE, self.n_heads // self.n_kv_heads, attn))
 
 
 class TransformerBlock(nn.Module):
@@ -130,8 +131,8 @@ class TransformerBlock(nn.Module):
         self.attention.init_weights(self.weight_init_std)
         self.feed_forward.init_weights(self.weight_init_std)
 
-    def forward(self, x_BTD: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-        h_BTD = x_BTD + self.attention(self.attention_norm(x_BTD), freqs_cis)
+    def forward(self, x_BTD: torch.Tensor, attn: AttentionInputs) -> torch.Tensor:
+        h_BTD = x_BTD + self.attention(self.attention_norm(x_BTD), attn)
         return h_BTD + self.feed_forward(self.ffn_norm(h_BTD))
 
 
@@ -177,9 +178,11 @@ class Transformer(nn.Module):
             cutoff = 3 * std
             nn.init.trunc_normal_(self.output.weight, mean=0.0, std=std, a=-cutoff, b=cutoff)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens_BT (int) -> logits_BTV; a later pipeline stage gets and returns h_BTD instead."""
-        return decoder_forward(self, tokens)
+    def forward(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None,
+                document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """tokens_BT (int) -> logits_BTV; a later pipeline stage gets and returns h_BTD instead.
+        ``positions`` / ``document_ids`` [B, T]: RoPE positions and block-causal documents (layers.py)."""
+        return decoder_forward(self, tokens, positions, document_ids)
 
 
 def get_nparams_and_flops(model: nn.Module, args: TransformerModelArgs, seq_len: int) -> tuple[int, int]:

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from torchtitan.models.layers import (
-    SDPA_BACKENDS,
+    ATTENTION_BACKENDS,
+    AttentionInputs,
     CausalSDPA,
     FeedForward,
     RMSNorm,
@@ -28,6 +29,7 @@ from torchtitan.models.layers import (
     decoder_forward,
     grouped_query_attention,
     precompute_rope_cos_sin,
+    rope_rows,
 )
 from torchtitan.models.moe import MoE, MoEArgs
 
@@ -46,7 +48,7 @@ class Qwen3ModelArgs:
     max_seq_len: int = 4096  # length of the precomputed RoPE table
     tie_word_embeddings: bool = False
     depth_init: bool = True  # scale output-projection init by layer depth
-    attention_backend: str = "auto"  # SDPA kernel: auto | flash | cudnn | efficient | math
+    attention_backend: str = "auto"  # auto | flash | cudnn | efficient | math | flex
     moe: Optional[MoEArgs] = None  # None = dense
     mlp_only_layers: tuple[int, ...] = ()  # dense blocks inside an MoE model (HF mlp_only_layers)
 
@@ -61,9 +63,9 @@ class Qwen3ModelArgs:
             )
         if self.head_dim % 2 != 0:
             raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
-        if self.attention_backend not in SDPA_BACKENDS:
+        if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(
-                f"attention backend {self.attention_backend!r} is not one of {', '.join(SDPA_BACKENDS)}"
+                f"attention backend {self.attention_backend!r} is not one of {', '.join(ATTENTION_BACKENDS)}"
             )
 
     def is_moe_layer(self, layer_id: int) -> bool:
@@ -73,17 +75,16 @@ class Qwen3ModelArgs:
 # ----------------------------------------------------------------------------- layers
 
 
-def apply_rotary_emb_half(x_BTHE: torch.Tensor, freqs_cis_TE2: torch.Tensor) -> torch.Tensor:
+def apply_rotary_emb_half(x_BTHE: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (x[i], x[i + E/2]) by angle i (HF ``rotate_half``), computed in fp32.
 
     Same (cos, sin) table as Llama's interleaved rotation; only the pairing differs, which is
     why HF Qwen3 q/k weights need no row permutation.
     """
-    T = x_BTHE.shape[1]
-    cos_T1E = freqs_cis_TE2[:T, :, 0].float().unsqueeze(1)  # broadcasts over B and H
-    sin_T1E = freqs_cis_TE2[:T, :, 1].float().unsqueeze(1)
+    rows_BT1C2 = rope_rows(freqs_cis, x_BTHE.shape[1]).float()  # broadcasts over the heads
+    cos, sin = rows_BT1C2[..., 0], rows_BT1C2[..., 1]
     x1, x2 = x_BTHE.float().chunk(2, dim=-1)
-    rotated = torch.cat([x1 * cos_T1E - x2 * sin_T1E, x2 * cos_T1E + x1 * sin_T1E], dim=-1)
+    rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
     return rotated.type_as(x_BTHE)
 
 
@@ -110,15 +111,15 @@ class Attention(nn.Module):
         self.q_norm.reset_parameters()
         self.k_norm.reset_parameters()
 
-    def forward(self, x_BTD: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor, attn: AttentionInputs) -> torch.Tensor:
         B, T, _ = x_BTD.shape
         # -1 instead of n_heads: under tensor parallelism each rank holds a slice of the heads.
         q_BTHE = self.q_norm(self.wq(x_BTD).view(B, T, -1, self.head_dim))
         k_BTKE = self.k_norm(self.wk(x_BTD).view(B, T, -1, self.head_dim))
         v_BTKE = self.wv(x_BTD).view(B, T, -1, self.head_dim)
-        q_BTHE = apply_rotary_emb_half(q_BTHE, freqs_cis)
-        k_BTKE = apply_rotary_emb_half(k_BTKE, freqs_cis)
-        return self.wo(grouped_query_attention(self.sdpa, q_BTHE, k_BTKE, v_BTKE, self.n_heads // self.n_kv_heads))
+        q_BTHE = apply_rotary_emb_half(q_BTHE, attn.rope)
+        k_BTKE = apply_rotary_emb_half(k_BTKE, attn.rope)
+        return self.wo(grouped_query_attention(self.sdpa, q_BTHE, k_BTKE, v_BTKE, self.n_heads // self.n_kv_heads, attn))
 
 
 class Qwen3Block(nn.Module):
@@ -142,8 +143,8 @@ class Qwen3Block(nn.Module):
         self.attention.init_weights(self.weight_init_std)
         (self.moe if self.moe_enabled else self.feed_forward).init_weights(self.weight_init_std)
 
-    def forward(self, x_BTD: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-        h_BTD = x_BTD + self.attention(self.attention_norm(x_BTD), freqs_cis)
+    def forward(self, x_BTD: torch.Tensor, attn: AttentionInputs) -> torch.Tensor:
+        h_BTD = x_BTD + self.attention(self.attention_norm(x_BTD), attn)
         mlp = self.moe if self.moe_enabled else self.feed_forward
         return h_BTD + mlp(self.ffn_norm(h_BTD))
 
@@ -208,9 +209,11 @@ class Qwen3Model(nn.Module):
         if self.output is not None and not (tied and self.tok_embeddings is not None):
             self._init_output_weight(self.output.weight)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens_BT (int) -> logits_BTV; a later pipeline stage gets and returns h_BTD instead."""
-        return decoder_forward(self, tokens)
+    def forward(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None,
+                document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """tokens_BT (int) -> logits_BTV; a later pipeline stage gets and returns h_BTD instead.
+        ``positions`` / ``document_ids`` [B, T]: RoPE positions and block-causal documents (layers.py)."""
+        return decoder_forward(self, tokens, positions, document_ids)
 
 
 def inactive_expert_nparams(model: nn.Module, args: Qwen3ModelArgs) -> int:
