@@ -9,6 +9,7 @@ import sys
 
 import torch
 import torch.distributed._functional_collectives as funcol
+from torch.distributed.tensor import DTensor
 
 from torchtitan.components.float8 import Float8Training
 from torchtitan.components.model_builder import ModelBuilder
@@ -42,6 +43,8 @@ def main(argv: list[str]) -> None:
     inputs, _, kwargs, context = step_fn.model_inputs({"tokens": tokens, "positions": positions})
     with torch.no_grad(), context:
         logits = built.model(inputs, **kwargs)
+    if isinstance(logits, DTensor):  # loss_parallel: vocab-sharded logits
+        logits = logits.full_tensor()
     if cp is not None:  # this rank holds two chunks of the sequence: gather all, in global order
         gathered = funcol.all_gather_tensor(logits.contiguous(), gather_dim=1, group=dims.submesh("cp"))
         logits = unshard_sequence(gathered, cp.cp, seq_dim=1)

@@ -242,6 +242,10 @@ def test_malicious_meta_pth_is_refused(tmp_path):
     (["--model.name", "qwen", "--parallelism.ep", "1"], ("model.name 'qwen'", "qwen3")),
     (["--model.name", "qwen3", "--model.flavor", "debugmodel_mo"], ("debugmodel_moe",)),
     (["--moe.score_func", "relu"], ("moe.score_func", "softmax")),
+    (["--model.attention_backend", "flex", "--model.attention_mask", "block_causal"],
+     ("model.attention_backend='flex'", "CUDA", "'auto'")),
+    (["--model.attention_mask", "document"], ("model.attention_mask", "block_causal")),
+    (["--data.max_document_tokens", "-1"], ("data.max_document_tokens=-1",)),
 ])
 def test_model_and_expert_parallel_mistakes_are_one_line(extra, fragments, tmp_path, cache_dir):
     assert_user_error(train(tiny_args(tmp_path, cache_dir, 1, *extra)), *fragments)

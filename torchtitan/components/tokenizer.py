@@ -1,4 +1,5 @@
-"""Tokenizers: Llama 3's tiktoken format, Llama 2's sentencepiece, and the embedded default.
+"""Tokenizers: Llama 3's tiktoken format, Llama 2's sentencepiece, and the embedded default
+(Hugging Face tokenizer.json is the third format: ``hf_tokenizer.py``).
 
 ``build_tokenizer(path)`` picks the format from the file's content, not its name (Llama 3 ships
 its tiktoken file as ``tokenizer.model``, the same name Llama 2 uses for sentencepiece). An
@@ -27,10 +28,11 @@ NUM_SPECIAL_TOKENS = 256
 TIKTOKEN_MAX_ENCODE_CHARS = 400_000
 MAX_NO_WHITESPACES_CHARS = 25_000
 _TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/=]+ \d+")
+_JSON_OBJECT_START = re.compile(rb'\s*\{\s*["}]')
 
 _FORMATS_HINT = (
-    "a tiktoken file (Llama 3: one 'base64-token rank' per line) "
-    "or a sentencepiece .model file (Llama 2)"
+    "a tiktoken file (Llama 3: one 'base64-token rank' per line), "
+    "a sentencepiece .model file (Llama 2) or a Hugging Face tokenizer.json (or its folder)"
 )
 
 
@@ -201,6 +203,12 @@ class SentencePieceTokenizer(Tokenizer):
         return self.model.pad_id()
 
 
+def _looks_like_json(path: Path) -> bool:
+    # A JSON object's start; tiktoken lines are base64, and a sentencepiece proto starts b"\n<len>\n".
+    with open(path, "rb") as f:
+        return _JSON_OBJECT_START.match(f.read(64)) is not None
+
+
 def _looks_like_tiktoken(path: Path) -> bool:
     with open(path, "rb") as f:
         head = f.read(4096)
@@ -225,10 +233,16 @@ def build_tokenizer(path: str, cache_dir: str = "") -> Tokenizer:
 
         return TikTokenizer(ensure_embedded_tokenizer(cache_dir))
     file = Path(path).expanduser()
+    if file.is_dir() or (file.is_file() and _looks_like_json(file)):
+        # Imported here: hf_tokenizer.py subclasses Tokenizer from this module.
+        from torchtitan.components.hf_tokenizer import HFTokenizer
+
+        return HFTokenizer(file)
     if not file.is_file():
         raise ValueError(
             f"tokenizer file {str(file)!r} does not exist: set tokenizer.path to a tiktoken or "
-            "sentencepiece .model file, or leave it empty for the embedded tokenizer"
+            "sentencepiece .model file or a Hugging Face tokenizer.json (or its folder), "
+            "or leave it empty for the embedded tokenizer"
         )
     if _looks_like_tiktoken(file):
         return TikTokenizer(file)

@@ -5,7 +5,7 @@ family's args; the family (``ModelSpec``) is found from the args' type, config.j
 ``model_type`` or a training run's ``model.name``:
 
     HF *.safetensors + config.json  --load_hf_checkpoint---->  ours  <--load_dcp_model_state-- DCP
-    ours --save_hf_checkpoint--> model.safetensors (+ index) + config.json
+    ours --save_hf_checkpoint--> model.safetensors (+ index) + config.json (+ tokenizer.json and its config)
     ours --save_dcp--> DCP + model_args.json (the family's name and args)
 
 Llama's original Meta format is Llama's own (``models/llama/meta_checkpoint.py``). Nothing here
@@ -24,6 +24,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from torchtitan.components.checkpoint import SafeFileSystemReader, SafeLoadPlanner
+from torchtitan.components.hf_tokenizer import hf_token_ids, save_hf_tokenizer
+from torchtitan.components.tokenizer import Tokenizer
 from torchtitan.models.registry import ModelSpec, get_spec, registered, spec_for_hf_model_type
 
 MODEL_ARGS_FILE = "model_args.json"  # written beside converted DCP weights: export needs no flavor
@@ -189,14 +191,28 @@ def save_hf_checkpoint(
     folder: str | Path,
     dtype: torch.dtype = torch.float32,
     max_shard_bytes: int = 5 * 2**30,
+    tokenizer: Optional[Tokenizer] = None,
 ) -> Path:
-    """Ours -> HF folder: model.safetensors, or model-0000i-of-0000n.safetensors + index json, + config.json."""
+    """Ours -> HF folder: model.safetensors, or model-0000i-of-0000n.safetensors + index json, + config.json.
+
+    With ``tokenizer``, also its tokenizer.json + config (``hf_tokenizer.save_hf_tokenizer``) and
+    its bos/eos/pad ids in config.json, which ``generate`` reads (LlamaConfig's defaults are 1 and 2).
+    """
     from safetensors.torch import save_file
 
     check_state_dict(sd, args)
     hf = spec_of(args).hf
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    config = hf.args_to_config(args, dtype)
+    if tokenizer is not None:  # first: a tokenizer that cannot be converted fails before the big write
+        if tokenizer.n_words > args.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {tokenizer.n_words} tokens but the model only {args.vocab_size}: "
+                "export with the tokenizer the model was trained with"
+            )
+        save_hf_tokenizer(tokenizer, folder, model_max_length=args.max_seq_len)
+        config.update(hf_token_ids(tokenizer))
     hf_sd = {k: v.detach().to("cpu", dtype).contiguous() for k, v in hf.to_hf_state_dict(sd, args).items()}
     shards = _shard_by_bytes(hf_sd, max_shard_bytes)
     metadata = {"format": "pt"}  # transformers expects this tag on safetensors files
@@ -211,7 +227,7 @@ def save_hf_checkpoint(
         total = sum(t.numel() * t.element_size() for t in hf_sd.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    (folder / "config.json").write_text(json.dumps(hf.args_to_config(args, dtype), indent=2) + "\n")
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return folder
 
 
