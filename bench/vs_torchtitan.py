@@ -24,8 +24,10 @@ is the same for both (default: os.cpu_count()). s/run in the table is one run's 
 included. Every run's log goes to <cache>/logs/<time>/.
 
 torchtitan lives in <cache>/venv-torchtitan-<version>, <cache> = $TORCHTITAN_CACHE/bench or
-~/.cache/torchtitan/bench, created with --system-site-packages to reuse the system torch; pip runs with
-a constraint pinning torch to the installed version, so it can never replace it. This file is also its
+~/.cache/torchtitan/bench. It sees the packages of the python running this script (a .pth file lists
+that python's site-packages folders, so a virtual environment's torch is reused as well as a system
+install's; --system-site-packages would reach only the base interpreter's, missing the venv's torch);
+pip runs with a constraint pinning torch to the installed version, so it can never replace it. This file is also its
 launcher (--child, run by the venv's python with -P, so our package is never on its path). It
 configures torchtitan through its own config: 0.3.x with a config-registry function built from its
 llama3_debugmodel(), 0.2.x with command-line overrides. 0.3.x offers only flex/varlen attention for
@@ -50,6 +52,8 @@ import argparse
 import json
 import os
 import re
+import shutil
+import site
 import statistics
 import subprocess
 import sys
@@ -101,18 +105,35 @@ def prepare_assets(root: Path) -> dict:
     return paths
 
 
+def parent_site_dirs() -> list[str]:
+    """The site-packages folders of this python (a venv's own, and the system's when it includes them)."""
+    dirs = [*site.getsitepackages(), *([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])]
+    return [d for d in dict.fromkeys(dirs) if Path(d).is_dir()]
+
+
+def make_child_venv(venv: Path) -> None:
+    """A venv whose python also imports what this python imports (torch above all), through a .pth
+    file: its own site-packages come first, so the torchtitan installed there wins."""
+    r = subprocess.run([sys.executable, "-m", "venv", str(venv)])
+    if r.returncode:
+        sys.exit(f"error: could not create the venv {venv} (is the python venv module installed? "
+                 "e.g. apt-get install python3-venv); or set TORCHTITAN_CACHE to a writable folder")
+    probe = subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                           capture_output=True, text=True, check=True)
+    (Path(probe.stdout.strip()) / "vs_torchtitan_parent.pth").write_text("\n".join(parent_site_dirs()) + "\n")
+
+
 def ensure_venv(root: Path, version: str, wheels: str | None) -> Path:
-    """venv-torchtitan-<version> over the system site-packages, torchtitan installed, torch untouched."""
+    """venv-torchtitan-<version> seeing this python's packages, torchtitan installed, torch untouched."""
     venv = root / f"venv-torchtitan-{version}"
     python = venv / "bin" / "python"
     marker = venv / ".vs_torchtitan_ok"
-    if marker.exists() and marker.read_text() == torch.__version__:
+    stamp = json.dumps({"torch": torch.__version__, "parent": parent_site_dirs()})  # rebuilt for another parent
+    if marker.exists() and marker.read_text() == stamp:
         return python
-    if not python.exists():
-        r = subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)])
-        if r.returncode:
-            sys.exit(f"error: could not create the venv {venv} (is the python venv module installed? "
-                     "e.g. apt-get install python3-venv); or set TORCHTITAN_CACHE to a writable folder")
+    if venv.exists():
+        shutil.rmtree(venv)
+    make_child_venv(venv)
     constraints = venv / "constraints.txt"
     constraints.write_text(f"torch=={torch.__version__}\n")  # pip must reuse, never replace, torch
     cmd = [str(python), "-m", "pip", "install", "-q", "-c", str(constraints), f"torchtitan=={version}"]
@@ -129,7 +150,7 @@ def ensure_venv(root: Path, version: str, wheels: str | None) -> Path:
     if probe.stdout.split()[:1] != [torch.__version__] or "venv-torchtitan" in probe.stdout:
         sys.exit(f"error: the venv's torch is not the system torch {torch.__version__}: {probe.stdout}"
                  f"{probe.stderr[-500:]} -- delete {venv} and rerun")
-    marker.write_text(torch.__version__)
+    marker.write_text(stamp)
     return python
 
 
