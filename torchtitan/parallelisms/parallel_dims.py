@@ -115,6 +115,11 @@ class ParallelDims:
         assert self._mesh is not None, "call build_mesh first"
         return self._mesh
 
+    def describe(self) -> dict:
+        """The degrees and the world size, resolved (dp_shard = -1 filled in), for run records."""
+        names = ("world_size", "dp_replicate", "dp_shard", "cp", "tp", "pp", "ep")
+        return {name: getattr(self, name) for name in names}
+
     def has(self, name: str) -> bool:
         return self._mesh is not None and (name in self._mesh.mesh_dim_names or name in self._flat)
 
