@@ -274,8 +274,6 @@ def test_errors_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match=r"positive"):
         build_source(Data(datasets=["stdlib", "stdlib"], weights=[1.0, 0.0]))
     local = str(write_jsonl(tmp_path / "d.jsonl", ["x"]))
-    with pytest.raises(ValueError, match=r"no 'validation' split"):
-        build_source(Data(datasets=[local]), split="validation")
     with pytest.raises(ValueError, match=r"divisible"):
         build_dataloader(Data(datasets=[local]), ByteTokenizer(), 8, 6, 0, 4)
 

@@ -1,11 +1,17 @@
-"""Per-window training metrics: one console line, one JSON line, optional TensorBoard.
+"""Per-window training metrics: one console line, one JSON line, optional TensorBoard and W&B.
 
 MFU uses the bf16 dense datasheet peak of the detected GPU (``metrics.peak_flops``
 overrides it; on CPU MFU is null unless it is set). flops per token come from the
 model (6 x non-embedding params + 12 x layers x heads x head_dim x seq_len).
+
+Validation results (``val_loss``, ``val_perplexity``, ``val_loss/<name>``; components/validation.py)
+join the record of their step when it is a log step, else they are a record of their own
+(``step`` and the ``val_*`` keys only). Their time is left out of the training window, so
+``tps`` and ``step_time_s`` describe training alone.
 """
 
 import json
+import math
 import os
 import resource
 import time
@@ -87,6 +93,62 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def perplexity(loss: float) -> float:
+    """exp(mean token cross-entropy); inf where exp overflows, nan for a nan loss."""
+    if math.isnan(loss):
+        return loss
+    return math.exp(loss) if loss < 709.0 else float("inf")
+
+
+class WandbWriter:
+    """Every record as one ``run.log`` at its step, on the logging rank.
+
+    Mode ``auto`` follows $WANDB_MODE when set; otherwise it tries online and, when that fails
+    (no API key, no network), writes an offline run instead: ``wandb sync <run folder>`` uploads
+    it later. The run folder is ``<dir>/wandb/{run,offline-run}-<time>-<id>``, dir = $WANDB_DIR or
+    the dump folder.
+    """
+
+    _INIT_TIMEOUT_S = 30  # an online start without network gives up after this
+
+    def __init__(self, cfg: MetricsConfig, dump_folder: str, run_config: dict | None = None):
+        import wandb  # lazy: only runs that log to W&B pay for the import
+
+        self.wandb = wandb
+        self.kwargs = dict(
+            project=cfg.wandb_project or None, entity=cfg.wandb_entity or None, name=cfg.wandb_run_name or None,
+            tags=list(cfg.wandb_tags) or None, dir=os.environ.get("WANDB_DIR") or dump_folder, config=run_config,
+        )
+        os.makedirs(self.kwargs["dir"], exist_ok=True)
+        mode = cfg.wandb_mode
+        if mode == "auto":
+            mode = os.environ.get("WANDB_MODE") or "online"
+        self.run, mode = self._start(mode, fallback=cfg.wandb_mode == "auto")
+        logger.info(f"W&B run {self.run.name!r} ({mode}) in {self.run.dir}")
+
+    def _start(self, mode: str, fallback: bool):
+        settings = self.wandb.Settings(init_timeout=self._INIT_TIMEOUT_S)
+        try:
+            return self.wandb.init(mode=mode, settings=settings, **self.kwargs), mode
+        except self.wandb.errors.Error as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if not (fallback and mode == "online"):
+                raise ValueError(
+                    f"metrics.enable_wandb: W&B did not start in {mode} mode ({reason}); run `wandb login`, or "
+                    f"set metrics.wandb_mode='offline' and upload the run later with `wandb sync`"
+                ) from None
+            logger.warning(f"W&B online start failed ({reason}): writing an offline run instead; upload it "
+                           f"later with `wandb sync <run folder>`")
+            return self.wandb.init(mode="offline", settings=settings, **self.kwargs), "offline"
+
+    def write(self, record: dict) -> None:
+        values = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+        self.run.log(values, step=record["step"])
+
+    def close(self) -> None:
+        self.run.finish()
+
+
 @dataclass
 class StepCounters:
     """What the loop accumulates between two log steps (host-side numbers only)."""
@@ -98,7 +160,8 @@ class StepCounters:
 
 class MetricsLogger:
     def __init__(self, cfg: MetricsConfig, dump_folder: str, device: torch.device, flops_per_token: float,
-                 non_data_parallel_size: int, total_steps: int, is_logging_rank: bool):
+                 non_data_parallel_size: int, total_steps: int, is_logging_rank: bool,
+                 run_config: dict | None = None):
         self.cfg = cfg
         self.flops_per_token = flops_per_token
         self.non_dp = non_data_parallel_size
@@ -110,6 +173,8 @@ class MetricsLogger:
         self.is_logging_rank = is_logging_rank
         self.jsonl = None
         self.tb = None
+        self.wandb = None
+        self.pending_validation: dict = {}  # this step's validation values, for the record log() writes
         if is_logging_rank:
             os.makedirs(dump_folder, exist_ok=True)
             self.jsonl = open(os.path.join(dump_folder, "metrics.jsonl"), "a")
@@ -117,6 +182,8 @@ class MetricsLogger:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.tb = SummaryWriter(os.path.join(dump_folder, cfg.save_tb_folder))
+            if cfg.enable_wandb:
+                self.wandb = WandbWriter(cfg, dump_folder, run_config)
 
     def should_log(self, step: int) -> bool:
         return step == 1 or step % self.cfg.log_freq == 0 or step == self.total_steps
@@ -130,6 +197,7 @@ class MetricsLogger:
         record = {
             "step": step,
             "loss": loss,
+            "perplexity": perplexity(loss),
             "grad_norm": grad_norm,
             "lr": lr,
             "tps": tps,
@@ -138,8 +206,10 @@ class MetricsLogger:
             "step_time_s": elapsed / max(c.steps, 1),
             **self.memory.read(),
             **(extra or {}),
+            **self.pending_validation,
         }
         record["eta_s"] = record["step_time_s"] * (self.total_steps - step)
+        self.pending_validation = {}
         if self.is_logging_rank:
             self._emit(record)
         self.counters = StepCounters()
@@ -147,27 +217,50 @@ class MetricsLogger:
         self.window_start = time.perf_counter()
         return record
 
+    def record_validation(self, step: int, values: dict, merge: bool) -> None:
+        """The validation result of ``step`` (every rank calls it): into the record of this step's
+        ``log()`` when ``merge`` (a log step), else written now as a record of its own. Either way
+        its time (``val_seconds``) is taken out of the training window."""
+        self.window_start += values.get("val_seconds", 0.0)
+        if merge:
+            self.pending_validation = dict(values)
+        elif self.is_logging_rank:
+            self._emit({"step": step, **values})
+
     def _emit(self, r: dict) -> None:
-        mfu = f"{r['mfu']:.2f}%" if r["mfu"] is not None else "n/a"
-        logger.info(
-            f"step {r['step']:>6}  loss {r['loss']:8.4f}  grad_norm {r['grad_norm']:7.3f}  lr {r['lr']:.2e}  "
-            f"tps {r['tps']:,.0f}  mfu {mfu}  mem {r['memory_gib']:.2f}GiB  "
-            f"data {r['data_loading_pct']:.1f}%  eta {_fmt_seconds(r['eta_s'])}"
-            + (f"  skipped {r['skipped_steps']}" if r.get("skipped_steps") else "")
-            + (f"  moe_imbalance {r['moe_load_imbalance']:.2f}" if "moe_load_imbalance" in r else "")
-        )
+        if "loss" in r:
+            mfu = f"{r['mfu']:.2f}%" if r["mfu"] is not None else "n/a"
+            logger.info(
+                f"step {r['step']:>6}  loss {r['loss']:8.4f}  ppl {r['perplexity']:9.2f}  grad_norm "
+                f"{r['grad_norm']:7.3f}  lr {r['lr']:.2e}  tps {r['tps']:,.0f}  mfu {mfu}  "
+                f"mem {r['memory_gib']:.2f}GiB  data {r['data_loading_pct']:.1f}%  eta {_fmt_seconds(r['eta_s'])}"
+                + (f"  skipped {r['skipped_steps']}" if r.get("skipped_steps") else "")
+                + (f"  moe_imbalance {r['moe_load_imbalance']:.2f}" if "moe_load_imbalance" in r else "")
+            )
+        if "val_loss" in r:
+            per_source = "".join(f"  {k[len('val_loss/'):]} {v:.4f}" for k, v in r.items()
+                                 if k.startswith("val_loss/"))
+            logger.info(
+                f"step {r['step']:>6}  val_loss {r['val_loss']:8.4f}  val_ppl {r['val_perplexity']:9.2f}"
+                f"{per_source}  ({r['val_tokens']:,} tokens in {r['val_seconds']:.2f}s)"
+            )
         self.jsonl.write(json.dumps(r) + "\n")
         self.jsonl.flush()
         if self.tb is not None:
             for k, v in r.items():
                 if k != "step" and isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, r["step"])
+        if self.wandb is not None:
+            self.wandb.write(r)
 
     def close(self) -> None:
         if self.jsonl:
             self.jsonl.close()
         if self.tb:
             self.tb.close()
+        if self.wandb:
+            self.wandb.close()
+            self.wandb = None  # close() may run twice (error path)
 
 
 def _fmt_seconds(s: float) -> str:

@@ -144,6 +144,33 @@ class ForwardBackward:
         kwargs = {k: v for k, v in (("positions", positions), ("document_ids", document_ids)) if v is not None}
         return inputs, labels, kwargs, contextlib.nullcontext()
 
+    def evaluate(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward only, without gradients, of this rank's validation rows ({"tokens", "positions"}
+        [B, seq_len + 1]; under PP one ``schedule.eval``, so B must be the training local batch).
+        Returns (summed token cross-entropy, token count), float64 device tensors, zeros on pipeline
+        ranks without the last stage. Summed over every rank, tensor-parallel copies of a token count
+        in both the same number of times, so their ratio is the mean over distinct tokens."""
+        pipe = self.built.pipeline
+        inputs, labels, kwargs, cp_context = self.model_inputs(batch)
+        with torch.no_grad(), cp_context:
+            if pipe is None:
+                with self.autocast:
+                    logits = self.built.model(inputs, **kwargs)
+                with self.loss_context():
+                    mean = plain_loss(self.loss_fn(logits, labels))
+            else:
+                losses = []  # pipeline_loss values: microbatch mean / (n_microbatches x accum_steps)
+                args = (inputs,) if pipe.has_first_stage else ()
+                target = labels if pipe.has_last_stage else None
+                with self.autocast, self.loss_context():
+                    pipe.schedule.eval(*args, target=target, losses=losses, return_outputs=False, **kwargs)
+                # Equal microbatches: the mean of their means, undoing pipeline_loss's scale.
+                mean = torch.stack([plain_loss(x) for x in losses]).sum() * self.accum_steps if losses else None
+            n_tokens = labels.numel() if mean is not None else 0  # inside cp_context: this rank's share
+        loss_sum = mean.double() * n_tokens if mean is not None else torch.zeros((), dtype=torch.float64,
+                                                                                 device=self.device)
+        return loss_sum, torch.tensor(float(n_tokens), dtype=torch.float64, device=self.device)
+
 
 def split_rows(batch: dict[str, torch.Tensor], rows: int) -> list[dict[str, torch.Tensor]]:
     """The batch cut into consecutive pieces of ``rows`` rows (microbatches)."""

@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from torchtitan.datasets.packing import PackedDataset
-from torchtitan.datasets.sources import build_source, resolve_weights
+from torchtitan.datasets.sources import HF_ALIASES, build_source, resolve_weights
 
 # torchdata 0.11 calls an API torch 2.13 deprecated; nothing for a user to act on.
 warnings.filterwarnings("ignore", message=".*set_vital.*")
@@ -93,6 +93,10 @@ def check_fingerprint(saved: dict, current: dict) -> None:
         )
 
 
+def _is_local(spec: str) -> bool:
+    return spec != "stdlib" and spec not in HF_ALIASES and not spec.startswith("hf:")
+
+
 def stream_fingerprint(data_cfg, tokenizer, seq_len: int, global_batch_size: int, split: str) -> dict:
     """The fields that define the stream of global batches (and the loader state's layout)."""
     return {
@@ -108,6 +112,9 @@ def stream_fingerprint(data_cfg, tokenizer, seq_len: int, global_batch_size: int
         "split": split,
         # Not part of the stream, but the saved loader state holds one snapshot per worker.
         "num_workers": data_cfg.num_workers,
+        # Local data holds out a validation split since this key exists: older checkpoints of local
+        # data read every document, so they are refused (naming this key) rather than resumed off by 1%.
+        **({"local_holdout": "sha256-of-text"} if any(_is_local(d) for d in data_cfg.datasets) else {}),
         # Only when set: checkpoints from before the key existed resume unchanged.
         **({"max_document_tokens": data_cfg.max_document_tokens} if data_cfg.max_document_tokens else {}),
     }

@@ -1,10 +1,19 @@
 """Document sources: infinite, exactly resumable streams of texts.
 
-Every source loops over its data forever (counting epochs) and is ``Stateful``:
+Every training source loops over its data forever (counting epochs) and is ``Stateful``:
 ``state_dict()`` taken after a document was yielded, loaded into a freshly built
 source, continues at exactly the next document. Each source also records the
 ``origin`` (dataset name, epoch) of the last document it yielded, which the
 packer uses to refuse a dataset smaller than one sequence.
+
+Splits. ``split="train"`` and ``"validation"`` are disjoint for every source: the stdlib
+holds out files by a hash of their path, hub datasets have their own validation split, and
+local files and folders hold out each document whose text hashes below ``data.val_fraction``
+(``stdlib_corpus.held_out``). The text, not (file, record index): the split survives renaming,
+resharding and reordering the files, and duplicated documents land on the same side, so an
+exact copy of a validation document is never trained on. Hashing costs far less than
+tokenizing. A validation source reads its split once and then raises ``EndOfSplit`` (the packer
+would turn a plain end of iteration into a RuntimeError); the loop catches it.
 
 Nothing here depends on the rank: every rank reads the same stream (see
 ``dataloader.py`` for why).
@@ -13,12 +22,13 @@ Nothing here depends on the rank: every rank reads the same stream (see
 import json
 import logging
 import random
+import time
 from pathlib import Path
 from typing import Iterator
 
 from torch.distributed.checkpoint.stateful import Stateful
 
-from torchtitan.datasets.stdlib_corpus import read_document, stdlib_files
+from torchtitan.datasets.stdlib_corpus import held_out, read_document, stdlib_files
 
 logger = logging.getLogger(__name__)
 
@@ -32,11 +42,17 @@ HF_ALIASES = {
     "c4": ("allenai/c4", "en", "text"),
     "fineweb_edu": ("HuggingFaceFW/fineweb-edu", "sample-10BT", "text"),
 }
+SPLITS = ("train", "validation")
 _ACCEPTED = (
     "'stdlib', " + ", ".join(repr(a) for a in HF_ALIASES)
-    + ", 'hf:<repo>[:<config>]', or an existing local file/folder of "
+    + ", 'hf:<repo>[:<config>][@<split>]', or an existing local file/folder of "
     + "/".join(LOCAL_SUFFIXES) + " files"
 )
+
+
+class EndOfSplit(Exception):
+    """A validation source has given every document of its split once (not a StopIteration:
+    inside the packer's generator that would become a RuntimeError)."""
 
 
 def _record_text(record, text_field: str, where: str) -> str:
@@ -101,15 +117,26 @@ def read_texts(path: Path, text_field: str, start: int = 0) -> Iterator[str]:
 class FileListSource(Stateful):
     """Documents from a fixed, ordered list of local files (the stdlib corpus, local folders).
 
-    State: epoch, index of the current file, index of the next record in it.
+    ``split``: "all" keeps every document; "train" / "validation" keep those that ``held_out``
+    (by their text and ``val_fraction``) puts on that side. ``loop=False`` reads the files once,
+    then raises ``EndOfSplit``.
+
+    State: epoch, index of the current file, index of the next record in it (held-out records
+    count too, so a resume skips exactly what the first pass skipped).
     """
 
-    def __init__(self, files: list[Path], text_field: str = "text", name: str = ""):
+    def __init__(self, files: list[Path], text_field: str = "text", name: str = "", split: str = "all",
+                 val_fraction: float = 0.0, loop: bool = True):
+        assert split in ("all", *SPLITS), split
         self.files = [Path(f) for f in files]
         self.text_field = text_field
         self.name = name or (str(self.files[0]) if len(self.files) == 1 else f"{len(self.files)} files")
+        self.split, self.val_fraction, self.loop = split, val_fraction, loop
         self.epoch, self.file_index, self.record_index = 0, 0, 0
         self.origin = (self.name, 0)
+
+    def _in_split(self, text: str) -> bool:
+        return self.split == "all" or held_out(text, self.val_fraction) == (self.split == "validation")
 
     def __iter__(self) -> Iterator[str]:
         while True:
@@ -120,18 +147,32 @@ class FileListSource(Stateful):
                 for text in read_texts(path, self.text_field, self.record_index):
                     # Advance before yielding, so a state_dict taken now points past this document.
                     self.record_index += 1
+                    if not self._in_split(text):
+                        continue
                     self.origin = (self.name, self.epoch)
                     yielded += 1
                     yield text
                 self.file_index, self.record_index = self.file_index + 1, 0
             if from_start and yielded == 0:
-                raise ValueError(
-                    f"dataset {self.name!r} has no documents ({len(self.files)} files, all empty or without "
-                    f"'{self.text_field}' records); add text (.jsonl: one JSON object per line with a "
-                    f"'{self.text_field}' field, set by data.text_field) or remove it from data.datasets"
-                )
+                raise ValueError(self._no_documents())
+            if not self.loop:
+                raise EndOfSplit(f"dataset {self.name!r}: every document was read once")
             logger.info(f"dataset {self.name!r}: epoch {self.epoch} done, looping")
             self.epoch, self.file_index, self.record_index = self.epoch + 1, 0, 0
+
+    def _no_documents(self) -> str:
+        if self.split != "all":
+            return (
+                f"dataset {self.name!r} has no documents in its {self.split} split ({len(self.files)} files; "
+                f"data.val_fraction={self.val_fraction} of the documents, chosen by a hash of their text, are "
+                f"held out for validation); raise data.val_fraction, add documents, or name the validation "
+                f"data in validation.datasets"
+            )
+        return (
+            f"dataset {self.name!r} has no documents ({len(self.files)} files, all empty or without "
+            f"'{self.text_field}' records); add text (.jsonl: one JSON object per line with a "
+            f"'{self.text_field}' field, set by data.text_field) or remove it from data.datasets"
+        )
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "file_index": self.file_index, "record_index": self.record_index}
@@ -142,20 +183,54 @@ class FileListSource(Stateful):
         self.record_index = state_dict["record_index"]
 
 
+def network_errors() -> tuple[type[BaseException], ...]:
+    """What a broken connection raises: OSError covers ConnectionError, TimeoutError and requests'
+    errors; huggingface_hub >= 1.0 speaks httpx, and fsspec's http streams aiohttp."""
+    errors: list[type[BaseException]] = [OSError]
+    for module, name in (("httpx", "TransportError"), ("aiohttp", "ClientError")):
+        try:
+            errors.append(getattr(__import__(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:300] if lines else ""
+
+
+def _retry_args(data_cfg) -> dict:
+    return {"retries": data_cfg.stream_retries, "retry_seconds": data_cfg.stream_retry_seconds}
+
+
 class HFSource(Stateful):
     """A Hugging Face hub dataset, streamed (nothing is downloaded up front).
 
     Exact resume uses ``datasets.IterableDataset.state_dict()``; our epoch is passed to
     ``set_epoch`` so that a new epoch starts from the beginning while a loaded state
-    applies to the epoch it was saved in.
+    applies to the epoch it was saved in. ``loop=False``: one pass, then ``EndOfSplit``.
     """
 
-    def __init__(self, path: str, name: str | None = None, split: str = "train", text_field: str = "text"):
+    def __init__(self, path: str, name: str | None = None, split: str = "train", text_field: str = "text",
+                 loop: bool = True, retries: int = 5, retry_seconds: float = 2.0):
         import datasets  # lazy: importing datasets costs ~1 s and only hub sources need it
 
         self.path, self.config_name, self.split, self.text_field = path, name, split, text_field
+        self.loop = loop
+        self.retries, self.retry_seconds = retries, retry_seconds
         self.name = f"{path}:{name}" if name else path
-        self.dataset = datasets.load_dataset(path, name=name, split=split, streaming=True)
+        try:
+            self.dataset = datasets.load_dataset(path, name=name, split=split, streaming=True)
+        except Exception as e:  # noqa: BLE001  (hub, network, cache and naming errors all end here)
+            if not isinstance(e, (*network_errors(), ValueError, datasets.exceptions.DatasetNotFoundError)):
+                raise
+            raise ValueError(
+                f"hub dataset {self.name!r} (split {split!r}) could not be opened ({type(e).__name__}: "
+                f"{_first_line(e)}); check the name (data.datasets 'hf:<repo>[:<config>]'), or use a local copy "
+                "(a file or folder path in data.datasets), or, offline, set HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 "
+                "with the dataset in the Hugging Face cache"
+            ) from None
         self.epoch = 0
         self.origin = (self.name, 0)
 
@@ -163,17 +238,48 @@ class HFSource(Stateful):
         while True:
             self.dataset.set_epoch(self.epoch)
             yielded = 0
-            # .iter() rather than iter(): inside a DataLoader worker, iter() would shard the
-            # dataset across workers, but every worker must see the whole stream.
-            for batch in self.dataset.iter(batch_size=1):
-                record = {key: values[0] for key, values in batch.items()}
+            for record in self._records():
                 self.origin = (self.name, self.epoch)
                 yielded += 1
                 yield _record_text(record, self.text_field, f"dataset {self.name!r}")
             if yielded == 0 and self.epoch == 0:
                 raise ValueError(f"dataset {self.name!r} (split {self.split!r}) has no documents")
+            if not self.loop:
+                raise EndOfSplit(f"dataset {self.name!r}: every document of its {self.split!r} split was read")
             logger.info(f"dataset {self.name!r}: epoch {self.epoch} done, looping")
             self.epoch += 1
+
+    def _records(self) -> Iterator[dict]:
+        """This epoch's records from the current position. A stream that breaks (network) is reopened
+        at the position of the last record it gave, ``retries`` times in a row with doubling waits,
+        so no document is skipped or repeated; then a one-line error."""
+        failures = 0
+        # After the last record given out. Taken once, not again on a retry: a broken iteration has
+        # advanced the dataset's live state past records it never delivered.
+        position = self.dataset.state_dict()
+        while True:
+            try:
+                # .iter() rather than iter(): inside a DataLoader worker, iter() would shard the
+                # dataset across workers, but every worker must see the whole stream.
+                for batch in self.dataset.iter(batch_size=1):
+                    failures = 0
+                    yield {key: values[0] for key, values in batch.items()}
+                    position = self.dataset.state_dict()
+                return
+            except network_errors() as e:
+                failures += 1
+                if failures > self.retries:
+                    raise ValueError(
+                        f"hub dataset {self.name!r}: the stream broke {failures} times in a row "
+                        f"({type(e).__name__}: {_first_line(e)}); check the network or the hub's status, "
+                        "then resume from the last checkpoint (the data position is exact), or train on a "
+                        "local copy"
+                    ) from None
+                wait = min(self.retry_seconds * 2 ** (failures - 1), 60.0)
+                logger.warning(f"dataset {self.name!r}: stream broke ({type(e).__name__}: {_first_line(e)}); "
+                               f"retry {failures}/{self.retries} in {wait:.0f}s at the same document")
+                time.sleep(wait)
+                self.dataset.load_state_dict(position)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "hf": self.dataset.state_dict()}
@@ -256,28 +362,37 @@ def local_files(spec: str) -> list[Path]:
     raise ValueError(f"dataset {spec!r} is not a known name nor an existing path; accepted: {_ACCEPTED}")
 
 
+def parse_hf_spec(spec: str) -> tuple[str, str | None, str | None]:
+    """``hf:<repo>[:<config>][@<split>]`` -> (repo, config or None, split or None)."""
+    body, _, hub_split = spec[len("hf:"):].partition("@")
+    repo, _, config = body.partition(":")
+    if not repo:
+        raise ValueError(f"dataset {spec!r} names no repository; write hf:<repo>[:<config>][@<split>]")
+    return repo, config or None, hub_split or None
+
+
 def _build_one(spec: str, data_cfg, split: str):
+    loop = split == "train"  # validation reads its split once per evaluation
     if spec == "stdlib":
-        return FileListSource(stdlib_files(split, data_cfg.val_fraction), data_cfg.text_field, "stdlib")
+        return FileListSource(stdlib_files(split, data_cfg.val_fraction), data_cfg.text_field, "stdlib", loop=loop)
     if spec in HF_ALIASES:
         repo, config, text_field = HF_ALIASES[spec]
-        return HFSource(repo, config, split, text_field)
+        return HFSource(repo, config, split, text_field, loop=loop, **_retry_args(data_cfg))
     if spec.startswith("hf:"):
-        repo, _, config = spec[len("hf:"):].partition(":")
-        return HFSource(repo, config or None, split, data_cfg.text_field)
+        repo, config, hub_split = parse_hf_spec(spec)
+        return HFSource(repo, config, hub_split or split, data_cfg.text_field, loop=loop, **_retry_args(data_cfg))
     files = local_files(spec)  # raises for a missing path, naming what is accepted
-    if split != "train":
-        raise ValueError(
-            f"local dataset {spec!r} has no {split!r} split (not implemented for local data); "
-            "validate on 'stdlib' or a hub dataset with a validation split"
-        )
-    return FileListSource(files, data_cfg.text_field, spec)
+    return FileListSource(files, data_cfg.text_field, spec, split, data_cfg.val_fraction, loop=loop)
 
 
 def build_source(data_cfg, split: str = "train"):
     """The document source for ``data_cfg.datasets`` (a mixture when there are several)."""
-    if split not in ("train", "validation"):
+    if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}: use 'train' or 'validation'")
+    if not 0.0 <= data_cfg.val_fraction <= 1.0:
+        raise ValueError(
+            f"data.val_fraction={data_cfg.val_fraction} is not a fraction; use a value in [0, 1), e.g. 0.01"
+        )
     weights = resolve_weights(data_cfg)
     sources = [_build_one(spec, data_cfg, split) for spec in data_cfg.datasets]
     if len(sources) == 1:

@@ -7,9 +7,11 @@ the file system and related modules are not adjacent (sorted, all of ``test/`` w
 one long stretch of a few thousand steps). A file goes
 to the validation split when a hash of its relative path falls below
 ``val_fraction``: stable across runs and machines, and independent of which other
-files exist.
+files exist. ``held_out`` is the one rule every source uses (local files hash each
+document's text, see ``sources.py``).
 """
 
+import functools
 import hashlib
 import os
 import random
@@ -24,9 +26,22 @@ def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def _in_val_split(rel_path: str, val_fraction: float) -> bool:
-    digest = hashlib.sha256(rel_path.encode()).digest()
+def held_out(key: str, val_fraction: float) -> bool:
+    """Whether the document named by ``key`` is in the validation split: the first 8 bytes of its
+    SHA-256 read as a number in [0, 1) fall below ``val_fraction``. A pure function of the key, so the
+    same on every rank, machine and run, and independent of every other document."""
+    digest = hashlib.sha256(key.encode("utf-8", errors="surrogatepass")).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < val_fraction
+
+
+@functools.lru_cache(maxsize=4)
+def _relative_py_files(root: Path) -> tuple[Path, ...]:
+    # Walking the stdlib takes ~1-2 s; the train and the validation loaders both need it.
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in _EXCLUDED_DIRS]  # prune: site-packages is huge
+        files += [(Path(dirpath) / name).relative_to(root) for name in filenames if name.endswith(".py")]
+    return tuple(files)
 
 
 def stdlib_files(split: str = "train", val_fraction: float = 0.01) -> list[Path]:
@@ -34,16 +49,10 @@ def stdlib_files(split: str = "train", val_fraction: float = 0.01) -> list[Path]
     if split not in ("train", "validation", "all"):
         raise ValueError(f"unknown split {split!r}: use 'train', 'validation' or 'all'")
     root = stdlib_root()
-    files = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if d not in _EXCLUDED_DIRS]  # prune: site-packages is huge
-        for name in filenames:
-            if not name.endswith(".py"):
-                continue
-            rel = (Path(dirpath) / name).relative_to(root)
-            if split != "all" and _in_val_split(rel.as_posix(), val_fraction) != (split == "validation"):
-                continue
-            files.append(rel)
+    files = [
+        rel for rel in _relative_py_files(root)
+        if split == "all" or held_out(rel.as_posix(), val_fraction) == (split == "validation")
+    ]
     if not files:
         raise ValueError(f"no .py files found under the stdlib at {root} (split {split!r})")
     files.sort(key=lambda p: p.as_posix())

@@ -11,6 +11,10 @@ What a family's model class must offer (both families here do):
 - ``tok_embeddings``, ``layers`` (an ``nn.ModuleDict`` keyed "0".."n-1", so FQNs survive a
   pipeline split), ``norm``, ``output``; a pipeline stage sets the ones it lacks to None;
 - ``freqs_cis`` (non-persistent RoPE table, dim 0 = position) and ``_precompute_freqs_cis(device)``;
+- ``forward(tokens, positions=None, document_ids=None)`` (``layers.decoder_forward`` does it): RoPE
+  positions and block-causal documents per token, and each block's attention kernel as the swappable
+  submodule ``attention.sdpa`` called with ``(q, k, v, AttentionInputs)`` (context parallel and the
+  KV cache of generation replace it);
 - ``init_weights(buffer_device=None)`` initializing whatever is not None, and a class
   attribute ``block_cls`` with ``block_cls(layer_id, args)`` and ``block.init_weights()``
   (the layout-independent init builds each unit whole from these; see parallelisms/init.py);
