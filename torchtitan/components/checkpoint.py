@@ -2,8 +2,11 @@
 
 Layout: ``<dump>/<folder>/step-N/`` (DCP files, ``.metadata``, ``config.toml``). A save goes to
 ``step-N.tmp`` and is renamed to ``step-N`` only after every rank finished writing and DCP wrote
-``.metadata``; a crash mid-save leaves a ``.tmp`` folder that resume ignores (with a warning), so
-the last complete checkpoint is what loads. Loading never unpickles without restriction:
+``.metadata``; a crash mid-save leaves a ``.tmp`` folder, which the next start removes with a
+warning (or publishes, when DCP had finished it), so the last complete checkpoint is what loads.
+A save that fails (full disk, I/O error) removes its ``.tmp`` at once and raises
+one ``CheckpointWriteError`` naming the path, the bytes needed and free, and the checkpoint that
+survived (``save_errors``). Loading never unpickles without restriction:
 non-tensor values go through ``torch.load(weights_only=True)`` and ``.metadata`` through a
 restricted unpickler (``SafeFileSystemReader``).
 
@@ -57,11 +60,19 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
+from torchtitan.components.save_errors import (
+    CheckpointWriteError,
+    SaveStreamWriter,
+    first_line,
+    state_bytes,
+    write_failed,
+)
 from torchtitan.config.job_config import Checkpoint as CheckpointConfig
 from torchtitan.config.job_config import choices
 from torchtitan.tools.logging import logger
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_TMP_DIR = re.compile(r"^step-(\d+)\.tmp$")
 ASYNC_MODES = choices(CheckpointConfig, "async_mode")
 INTERVAL_TYPES = choices(CheckpointConfig, "interval_type")
 EXPORT_DTYPES = choices(CheckpointConfig, "export_dtype")
@@ -205,6 +216,7 @@ class _PendingSave:
     upload: Future
     staging: Future | None = None  # async_with_pinned_mem: done when the copy is complete
     published: bool = False
+    nbytes: int = 0  # what the save writes, for the message if it fails
 
 
 class CheckpointManager:
@@ -253,12 +265,9 @@ class CheckpointManager:
         self._finish_pending()  # one save at a time
         tmp = self._prepare_tmp(step)
         if final and self.cfg.model_weights_only:
-            dcp.save(self._model_only_state_dict(self.cfg.export_dtype), checkpoint_id=str(tmp),
-                     process_group=self._group)
-            self._publish_now(step, tmp)
+            self._write(step, tmp, self._model_only_state_dict(self.cfg.export_dtype))
         elif self.cfg.async_mode == "disabled":
-            dcp.save(dict(self.states), checkpoint_id=str(tmp), process_group=self._group)
-            self._publish_now(step, tmp)
+            self._write(step, tmp, self._state_dicts())
         else:
             self._pending = self._async_save(step, tmp)
         self.last_saved_step = step
@@ -274,9 +283,38 @@ class CheckpointManager:
                 f"{self.complete_steps()}; a seed checkpoint goes into an empty folder (a later one would win)"
             )
         tmp = self._prepare_tmp(0)
-        dcp.save(self._model_only_state_dict("float32"), checkpoint_id=str(tmp))
-        self._publish_now(0, tmp)
+        self._write(0, tmp, self._model_only_state_dict("float32"))
         return self.folder / "step-0"
+
+    def _write(self, step: int, tmp: Path, state: dict) -> None:
+        """A synchronous save into ``tmp``, then published. DCP raises on every rank when any rank
+        failed (its coordinator gathers the write results), so every rank reports the failure."""
+        try:
+            dcp.save(state, storage_writer=SaveStreamWriter(str(tmp)), checkpoint_id=str(tmp),
+                     process_group=self._group)
+        except _ERRORS as e:
+            raise self._save_failed(step, tmp, e, state_bytes(state)) from e
+        self._publish_now(step, tmp)
+
+    def _state_dicts(self) -> dict:
+        """Every state's state dict, taken once (DCP would take them itself): the bytes a failed save
+        needed are counted from it."""
+        return {k: v.state_dict() if isinstance(v, Stateful) else v for k, v in self.states.items()}
+
+    def _save_failed(self, step: int, tmp: Path, error: BaseException, nbytes: int) -> CheckpointWriteError:
+        """Remove the partial ``tmp`` at once (rank 0; a failed DCP save has finished writing on every
+        rank) and describe the failure, and which checkpoint survived, in one line."""
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        complete = self.complete_steps(warn=False)
+        survivor = (f"the previous checkpoint step-{complete[-1]} is intact and a rerun resumes from it"
+                    if complete else "there is no earlier checkpoint: a rerun starts from step 0")
+        k = self.cfg.keep_latest_k
+        kept = (f"during a save {k + 1} checkpoints are on disk: checkpoint.keep_latest_k={k} plus the new one"
+                if k else "checkpoint.keep_latest_k=0 keeps every checkpoint: set it to keep only the newest")
+        return write_failed(f"saving checkpoint step-{step}", tmp, error, nbytes,
+                            f"The partial {tmp.name} was removed; {survivor}",
+                            f"free space on that file system ({kept}), or put job.dump_folder on a larger disk")
 
     def _prepare_tmp(self, step: int) -> Path:
         tmp = self.folder / f"step-{step}.tmp"
@@ -294,25 +332,29 @@ class CheckpointManager:
         from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
         from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
-        kwargs = dict(checkpoint_id=str(tmp), process_group=self._group)
+        # The writer is pickled into DCP's checkpoint process (async_with_pinned_mem) with the plan.
+        kwargs = dict(checkpoint_id=str(tmp), storage_writer=SaveStreamWriter(str(tmp)), process_group=self._group)
+        state = self._state_dicts()
         if self.cfg.async_mode == "async":
             # The default stager copies to CPU before async_save returns: training may step at once.
-            return _PendingSave(step, tmp, upload=dcp.async_save(dict(self.states), **kwargs))
+            return _PendingSave(step, tmp, upload=dcp.async_save(state, **kwargs), nbytes=state_bytes(state))
         if self._stager is None:
             accelerated = torch.cuda.is_available()  # pinning and non-blocking copies need CUDA
             self._stager = DefaultStager(StagingOptions(
                 use_pinned_memory=accelerated, use_shared_memory=True,
                 use_async_staging=True, use_non_blocking_copy=accelerated,
             ))
-        response = dcp.async_save(dict(self.states), async_checkpointer_type=AsyncCheckpointerType.PROCESS,
+        response = dcp.async_save(state, async_checkpointer_type=AsyncCheckpointerType.PROCESS,
                                   async_stager=self._stager, **kwargs)
-        return _PendingSave(step, tmp, upload=response.upload_completion, staging=response.staging_completion)
+        return _PendingSave(step, tmp, upload=response.upload_completion, staging=response.staging_completion,
+                            nbytes=state_bytes(state))
 
     def wait_for_staging(self) -> None:
         """Call before ``optimizer.step()``: blocks until a pending save finished copying the state.
 
         Also publishes a finished async save on rank 0 (see the module docstring), so a crash
-        later loses as little as possible.
+        later loses as little as possible, or removes a failed one's ``.tmp`` at once (every rank
+        raises its error at the next save or at ``close``: deciding it here would need a collective).
         """
         pending = self._pending
         if pending is None:
@@ -320,9 +362,14 @@ class CheckpointManager:
         if pending.staging is not None:
             pending.staging.result()
             pending.staging = None
-        if _rank() == 0 and not pending.published and pending.upload.done() and pending.upload.exception() is None:
-            self._publish(pending.step, pending.tmp)
-            pending.published = True
+        if _rank() == 0 and not pending.published and pending.upload.done():
+            if pending.upload.exception() is None:
+                self._publish(pending.step, pending.tmp)
+                pending.published = True
+            elif pending.tmp.exists():
+                shutil.rmtree(pending.tmp, ignore_errors=True)
+                logger.warning(f"async checkpoint save of step {pending.step} failed, {pending.tmp} removed; "
+                               f"the run stops with the error at the next save")
 
     def _finish_pending(self) -> None:
         """Every rank waits for the save in flight; rank 0 publishes it if not done yet."""
@@ -332,10 +379,7 @@ class CheckpointManager:
         try:
             pending.upload.result()
         except _ERRORS as e:
-            raise RuntimeError(
-                f"async checkpoint save of step {pending.step} to {pending.tmp} failed: "
-                f"{type(e).__name__}: {_first_line(e)}"
-            ) from e
+            raise self._save_failed(pending.step, pending.tmp, e, pending.nbytes) from e
         if _rank() == 0 and not pending.published:
             self._publish(pending.step, pending.tmp)
 
@@ -357,7 +401,11 @@ class CheckpointManager:
         """Rank 0 only: rename the finished ``.tmp`` folder (atomic), then prune old checkpoints."""
         final = self.folder / f"step-{step}"
         if self.config_toml:
-            (tmp / "config.toml").write_text(self.config_toml)
+            try:  # a convenience (what made it); the checkpoint is complete without it
+                (tmp / "config.toml").write_text(self.config_toml)
+            except OSError as e:
+                (tmp / "config.toml").unlink(missing_ok=True)
+                logger.warning(f"{tmp}: could not write config.toml ({e}); the checkpoint is published without it")
         if final.exists():  # re-saving a step (e.g. after a resume): replace it whole
             shutil.rmtree(final)
         os.replace(tmp, final)  # the checkpoint appears complete or not at all
@@ -378,6 +426,8 @@ class CheckpointManager:
     def load(self) -> int:
         """Load this run's checkpoint (``load_step``, or the latest complete one), or else the weights
         of ``initial_load_path``; return the step to continue from (0 = from scratch)."""
+        if self.enabled:
+            self._clean_unfinished_saves()
         path = self._resolve_load_path() if self.enabled else None
         if path is not None:
             step = int(_STEP_DIR.match(path.name).group(1))
@@ -431,7 +481,7 @@ class CheckpointManager:
             return SafeFileSystemReader(str(path)).read_metadata()
         except _ERRORS as e:
             raise ValueError(
-                f"could not read {path / '.metadata'}: {type(e).__name__}: {_first_line(e)}; the checkpoint "
+                f"could not read {path / '.metadata'}: {type(e).__name__}: {first_line(e)}; the checkpoint "
                 f"is corrupted: choose another with checkpoint.load_step or move this one away"
             ) from e
 
@@ -440,10 +490,26 @@ class CheckpointManager:
             dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner())
         except _ERRORS as e:  # DCP's errors are deep and long; say which checkpoint and why
             raise ValueError(
-                f"could not load checkpoint {path}: {type(e).__name__}: {_first_line(e)}. "
+                f"could not load checkpoint {path}: {type(e).__name__}: {first_line(e)}. "
                 f"If the model or optimizer config changed since it was saved, restore it; if a file is "
                 f"truncated or missing, choose another checkpoint with checkpoint.load_step or move this one away."
             ) from e
+
+    def _clean_unfinished_saves(self) -> None:
+        """At start-up, before any save (the run lock keeps other runs out), rank 0 removes the ``.tmp``
+        folders of saves that did not finish, freeing their space. One with ``.metadata`` was
+        complete (DCP writes it after every rank's data): stopped before its rename, it is published."""
+        if _rank() == 0 and self.folder.is_dir():
+            for tmp in sorted(p for p in self.folder.iterdir() if _TMP_DIR.match(p.name)):
+                final = self.folder / tmp.name.removesuffix(".tmp")
+                if (tmp / ".metadata").is_file() and not (final / ".metadata").is_file():
+                    shutil.rmtree(final, ignore_errors=True)
+                    os.replace(tmp, final)  # the next publish prunes (keep_latest_k)
+                    logger.warning(f"published {final}: its save had finished, the run stopped before the rename")
+                else:
+                    logger.warning(f"skipping incomplete checkpoint {tmp} (a save did not finish): removed it")
+                    shutil.rmtree(tmp, ignore_errors=True)
+        _barrier()  # every rank then lists the same complete checkpoints
 
     def _resolve_load_path(self) -> Path | None:
         complete = self.complete_steps()
@@ -539,17 +605,6 @@ def _stop_checkpoint_process() -> None:
     if process is not None:
         executor._CHECKPOINT_PROCESS = None
         process.__del__()  # sends TERMINATE, joins (5 s), then terminates
-
-
-def _first_line(e: BaseException) -> str:
-    """The first line of the message; for DCP's CheckpointException, that of the first rank's error."""
-    if isinstance(e, CheckpointException) and e.failures:
-        rank, (inner, _) = next(iter(e.failures.items()))
-        return f"on rank {rank}: {type(inner).__name__}: {_first_line(inner)}"
-    text = str(e).strip().splitlines()
-    if text:
-        return text[0][:500]
-    return "a file ends early (truncated?)" if isinstance(e, EOFError) else "(no message)"
 
 
 def _rank() -> int:

@@ -15,6 +15,8 @@ restriction: DCP reads go through ``SafeLoadPlanner``.
 
 import dataclasses
 import json
+import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -25,6 +27,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from torchtitan.components.checkpoint import SafeFileSystemReader, SafeLoadPlanner
 from torchtitan.components.hf_tokenizer import hf_token_ids, save_hf_tokenizer
+from torchtitan.components.save_errors import write_failed
 from torchtitan.components.tokenizer import Tokenizer
 from torchtitan.models.registry import ModelSpec, get_spec, registered, spec_for_hf_model_type
 
@@ -197,13 +200,42 @@ def save_hf_checkpoint(
 
     With ``tokenizer``, also its tokenizer.json + config (``hf_tokenizer.save_hf_tokenizer``) and
     its bos/eos/pad ids in config.json, which ``generate`` reads (LlamaConfig's defaults are 1 and 2).
+
+    The files are written into ``<folder>.tmp``, then moved in: a full disk or an I/O error removes
+    the partial files, leaves ``folder`` as it was and raises one ``CheckpointWriteError``.
     """
-    from safetensors.torch import save_file
+    from safetensors import SafetensorError
 
     check_state_dict(sd, args)
+    folder = Path(folder).absolute()
+    folder.mkdir(parents=True, exist_ok=True)  # a path through a file or an unwritable one fails as itself
+    staging = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)  # debris of an export that was killed
+    try:
+        staging.mkdir()
+        written = _write_hf_files(sd, args, staging, dtype, max_shard_bytes, tokenizer)
+        for name in written:
+            os.replace(staging / name, folder / name)
+        for old in folder.glob("model*.safetensors*"):  # an earlier export's other shards and index
+            if old.name not in written:
+                old.unlink()
+    except (OSError, SafetensorError) as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        nbytes = sum(v.numel() for v in sd.values()) * dtype.itemsize
+        raise write_failed("exporting the model in Hugging Face format", folder, e, nbytes,
+                           f"The partial export was removed; {folder} is as it was",
+                           "free space on that file system, or export to a folder on a larger disk") from e
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def _write_hf_files(sd: dict[str, torch.Tensor], args, folder: Path, dtype: torch.dtype, max_shard_bytes: int,
+                    tokenizer: Optional[Tokenizer]) -> list[str]:
+    """The files of ``save_hf_checkpoint``, written into ``folder``; returns their names."""
+    from safetensors.torch import save_file
+
     hf = spec_of(args).hf
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     config = hf.args_to_config(args, dtype)
     if tokenizer is not None:  # first: a tokenizer that cannot be converted fails before the big write
         if tokenizer.n_words > args.vocab_size:
@@ -228,7 +260,7 @@ def save_hf_checkpoint(
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return folder
+    return sorted(p.name for p in folder.iterdir())
 
 
 def _shard_by_bytes(sd: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
