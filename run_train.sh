@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Launch training on this machine with torchrun.
+# Launch training on this machine: torchrun through torchtitan.tools.launch (same options; a failure
+# ends in one summary line per rank instead of torchrun's traceback).
 #   NGPU        processes (default: the CUDA device count, else 1)
 #   CONFIG_FILE TOML config (default: train_configs/debug_model.toml)
 #   LOG_RANK    ranks whose output is shown (default: 0; e.g. 0,1)
@@ -19,6 +20,6 @@ if [ -z "${OMP_NUM_THREADS:-}" ]; then
 fi
 export OMP_NUM_THREADS
 
-exec torchrun --standalone --nproc_per_node="${NGPU}" \
+exec python -m torchtitan.tools.launch --standalone --nproc_per_node="${NGPU}" \
   --local-ranks-filter "${LOG_RANK}" --role rank \
   train.py --job.config_file "${CONFIG_FILE}" "$@"

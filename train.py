@@ -1,8 +1,11 @@
-"""Entry point: ``torchrun ... train.py --job.config_file train_configs/debug_model.toml [--section.key value ...]``.
+"""Entry point: ``python -m torchtitan.tools.launch ... train.py --job.config_file FILE [--section.key value ...]``
+(what run_train.sh and multinode_trainer.slurm run; plain ``torchrun`` or ``python train.py`` work too).
 
 A user error (bad config, missing file, unwritable folder, corrupted checkpoint, non-finite loss)
 ends the run with one ``error: ...`` paragraph and exit code 1 instead of a traceback from deep
-inside torch; ``TORCHTITAN_TRACEBACK=1`` re-raises it with the full traceback.
+inside torch; ``TORCHTITAN_TRACEBACK=1`` re-raises it with the full traceback. Under a launcher
+each failure is also written to the rank's torchelastic error file, from which
+``torchtitan.tools.launch`` prints one summary (see there).
 """
 
 import logging
@@ -10,6 +13,7 @@ import os
 import sys
 
 from torchtitan.config.manager import ConfigManager
+from torchtitan.tools import launch
 
 # What a user can fix: config values, paths, permissions, data, checkpoints, diverging training.
 # (tomllib.TOMLDecodeError is a ValueError; OSError subclasses cover missing/unwritable paths.)
@@ -19,12 +23,14 @@ USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, NotADirectoryErro
 
 def run(argv: list[str] | None = None) -> None:
     """Parse the config and train (or estimate memory); errors propagate."""
-    cfg = ConfigManager().parse_args(argv)
+    manager = ConfigManager()
+    cfg = manager.parse_args(argv)
     if cfg.memory_estimation.enable:  # estimate instead of training: one process, fake tensors
         from torchtitan.tools.memory_estimation import run_estimation_from_launcher
 
         run_estimation_from_launcher(cfg)
         return
+    manager.check_paths(cfg)  # every path the run reads, also those of features that are off
     check_dump_folder(cfg.job.dump_folder)
     # Expandable segments: activations of varying size stop fragmenting the CUDA caching
     # allocator (fewer OOMs and cudaMalloc retries at the same batch). A user's setting wins.
@@ -66,12 +72,19 @@ def check_dump_folder(folder: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run; under a launcher every failure also leaves its report in torchelastic's error file
+    (the launcher prints one summary from it instead of torchrun's traceback)."""
+    launch.enable_fault_log()
     try:
         run(argv)
     except USER_ERRORS as e:
         if os.environ.get("TORCHTITAN_TRACEBACK", "") not in ("", "0"):
+            launch.record_crash(e)
             raise
         _exit_with_error(e)
+    except Exception as e:  # a bug or a crash: the launcher shows this traceback as the root cause
+        launch.record_crash(e)
+        raise
 
 
 def _exit_with_error(e: BaseException) -> None:
@@ -86,11 +99,13 @@ def _exit_with_error(e: BaseException) -> None:
     message = str(e).strip() or type(e).__name__
     if isinstance(e, OSError) and e.filename and str(e.filename) not in message:
         message = f"{message}: {e.filename}"
-    hint = " (set TORCHTITAN_TRACEBACK=1 for the full traceback)"
-    print(f"{prefix}error: {type(e).__name__}: {message}{hint}", file=sys.stderr, flush=True)
+    line = f"{prefix}error: {type(e).__name__}: {message} (set TORCHTITAN_TRACEBACK=1 for the full traceback)"
+    print(line, file=sys.stderr, flush=True)
+    launch.record_user_error(line)
     logging.shutdown()
     sys.stdout.flush()
     _stop_background_saver()
+    getattr(sys.modules.get("torchtitan.components.run_lock"), "release_all", lambda: None)()  # os._exit skips atexit
     os._exit(1)
 
 

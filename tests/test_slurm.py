@@ -1,4 +1,5 @@
-"""multinode_trainer.slurm with stub srun / scontrol / sbatch on PATH: the torchrun it builds."""
+"""multinode_trainer.slurm with stub srun / scontrol / sbatch on PATH: the torchrun command it builds
+(run through torchtitan.tools.launch)."""
 
 import json
 import os
@@ -52,7 +53,7 @@ def test_srun_launches_torchrun_with_rendezvous_on_the_first_host(tmp_path):
     assert scontrol and scontrol[0]["argv"] == ["show", "hostnames", "gpu-node-[017-018]"]
     (srun,) = [c for c in calls if c["prog"] == "srun"]
     argv = srun["argv"]
-    assert argv[0] == "torchrun"
+    assert argv[:3] == ["python", "-m", "torchtitan.tools.launch"]  # torchrun, with one-line failure reports
     assert _opt(argv, "--nnodes") == "2"
     assert _opt(argv, "--nproc_per_node") == "8"  # NGPU_PER_NODE default
     assert _opt(argv, "--rdzv_id") == "4242"

@@ -2,10 +2,11 @@
 
 Order of set-up (each a ``build_*`` function below): process group -> mesh ->
 tokenizer -> data -> model on the meta device -> parallelize -> materialize and
-init -> optimizer -> lr schedule -> checkpoint load -> metrics. The model is whatever family
+init -> optimizer -> lr schedule -> checkpoint load -> metrics -> validator. The model is whatever family
 ``model.name`` names in the registry (components/model_builder.py); the trainer names none.
 """
 
+import dataclasses
 import gc
 import os
 import signal
@@ -22,8 +23,10 @@ from torchtitan.components.metrics import MetricsLogger
 from torchtitan.components.model_builder import BuiltModel, ModelBuilder
 from torchtitan.components.moe_monitor import MoEMonitor
 from torchtitan.components.optimizer import build_lr_scheduler, build_optimizer
+from torchtitan.components.run_lock import take_run_lock
 from torchtitan.components.tokenizer import build_tokenizer
 from torchtitan.components.train_step import ForwardBackward
+from torchtitan.components.validation import Validator, build_validator
 from torchtitan.components.weight_conversion import save_hf_checkpoint
 from torchtitan.config.job_config import JobConfig
 from torchtitan.config.job_config import Parallelism as ParallelismConfig
@@ -40,6 +43,8 @@ from torchtitan.parallelisms.utils import (
     shutdown_distributed,
 )
 from torchtitan.tools.logging import init_logger, logger
+from torchtitan.tools.memory_check import check_memory_fits
+from torchtitan.tools.provenance import write_provenance
 from torchtitan.tools.profiling import maybe_enable_memory_snapshot, maybe_enable_profiling
 
 
@@ -129,23 +134,32 @@ class Trainer:
         init_logger()
         os.makedirs(cfg.job.dump_folder, exist_ok=True)
         self.device = init_distributed(cfg.comm, cfg.job.dump_folder)
+        # Before anything is written into the folder: a second live run stops here, on every rank.
+        self.run_lock = take_run_lock(cfg.job.dump_folder, cfg.job.lock, cfg.job.lock_timeout_seconds)
         self.parallel_dims = self.build_parallel_dims()
         set_determinism(cfg.training.seed, cfg.training.deterministic)
         self.tokenizer = build_tokenizer(cfg.tokenizer.path, cfg.tokenizer.cache_dir)
         self.local_bs, self.accum_steps = batch_split(
             cfg.training.global_batch_size, cfg.training.local_batch_size, self.parallel_dims.dp
         )
+        # Before anything sized by the config is allocated: a run that cannot fit fails now, in one line.
+        check_memory_fits(cfg, self.parallel_dims, self.device, self.local_bs, self.accum_steps, self.tokenizer.n_words)
         self.dataloader = build_dataloader(
             cfg.data, self.tokenizer, cfg.training.seq_len, cfg.training.global_batch_size,
             self.parallel_dims.dp_rank, self.parallel_dims.dp, device_type=self.device.type,
         )
         self.cp = self.build_context_parallel()
+        if cfg.model.attention_backend == "flex" and self.device.type != "cuda":
+            raise ValueError(
+                f"model.attention_backend='flex' trains on CUDA only (FlexAttention has no {self.device.type} "
+                "backward); use 'auto', which takes the SDPA path with a document mask here"
+            )
         self.float8 = Float8Training(cfg.float8, self.device, self.parallel_dims.fsdp_enabled)
         self.host_group = self.build_host_group()
         self.pending_check: PendingFiniteCheck | None = None
         self.step_fn = ForwardBackward(
             cfg.training, self.parallel_dims, self.device, self.cp, self.local_bs, self.accum_steps,
-            cfg.parallelism.loss_parallel,
+            cfg.parallelism.loss_parallel, attention_mask=cfg.model.attention_mask, positions=cfg.model.positions,
         )
         self.built = self.build_model()
         self.step_fn.attach(self.built)
@@ -159,7 +173,9 @@ class Trainer:
         self.metrics = MetricsLogger(
             cfg.metrics, cfg.job.dump_folder, self.device, self.flops_per_token,
             self.parallel_dims.non_data_parallel_size, cfg.training.steps, is_logging_rank=self.rank == 0,
+            run_config=dataclasses.asdict(cfg),
         )
+        self.validator = self.build_validator()
 
     @property
     def rank(self) -> int:
@@ -183,12 +199,19 @@ class Trainer:
         builder = ModelBuilder(self.cfg, self.parallel_dims, self.device, self.cp, self.float8)
         return builder.build(self.tokenizer.n_words, self.local_bs, self.step_fn.pipeline_loss)
 
+    def build_validator(self) -> Validator | None:
+        """The held-out loss between steps (``[validation]``), on loaders of its own."""
+        return build_validator(self.cfg.validation, self.cfg.data, self.tokenizer, self.cfg.training.seq_len,
+                               self.parallel_dims, self.step_fn, self.model_parts, self.device, self.local_bs)
+
     def parameters(self) -> list[torch.nn.Parameter]:
         """Every parameter this rank holds (all pipeline stage parts)."""
         return [p for part in self.model_parts for p in part.parameters()]
 
     def build_checkpointer(self) -> CheckpointManager:
         config_path = dump_config(self.cfg, self.cfg.job.dump_folder) if self.rank == 0 else None
+        if self.rank == 0:  # how this run was made (code version, software, layout), beside config.toml
+            write_provenance(self.cfg.job.dump_folder, self.parallel_dims.describe())
         states = {
             "model": ModelState(self.model_parts),
             "optimizer": OptimizerState(self.model_parts, self.optimizer),
@@ -243,6 +266,10 @@ class Trainer:
                 save = self.checkpointer.should_save(step, cfg.steps) or (stopping and self.checkpointer.enabled)
                 if log or save or stopping or step == cfg.steps:
                     self.check_finite()  # this step's result is read or kept: it must be finite
+                # Not on a stop request (a preemption's grace period is short), unless it is the last step.
+                if self.validator is not None and self.validator.should_run(step, cfg.steps) and (
+                        not stopping or step == cfg.steps):
+                    self.metrics.record_validation(step, self.validator.run(), merge=log)
                 if log:
                     losses.append(self.log(step, torch.stack(window_losses).mean(), torch.stack(window_norms).max()))
                     window_losses, window_norms = [], []
@@ -285,7 +312,7 @@ class Trainer:
             sd = {k: v for part in parts for k, v in part.items()} if self.rank == 0 else {}
         if self.rank == 0:
             path = os.path.join(self.cfg.job.dump_folder, folder)  # an absolute `folder` wins
-            save_hf_checkpoint(sd, self.built.args, path)
+            save_hf_checkpoint(sd, self.built.args, path, tokenizer=self.tokenizer)
             logger.info(f"exported the model in Hugging Face format to {path}")
         if torch.distributed.get_world_size() > 1:
             torch.distributed.barrier()
@@ -312,8 +339,9 @@ class Trainer:
             self.moe_monitor.after_step()
         self.optimizer.zero_grad(set_to_none=True)
         self.lr_scheduler.step()
-        self.train_state.tokens_seen += batch.numel() - batch.shape[0]
-        self.metrics.counters.tokens += batch.numel() - batch.shape[0]
+        tokens = batch["tokens"].numel() - batch["tokens"].shape[0]  # inputs: each row's last token is a label only
+        self.train_state.tokens_seen += tokens
+        self.metrics.counters.tokens += tokens
         self.metrics.counters.steps += 1
         return loss_sum, grad_norm, stopping
 
@@ -367,5 +395,9 @@ class Trainer:
         return record["loss"]
 
     def close(self) -> None:
-        self.checkpointer.close()  # idempotent; also on the error path: finish the save in flight
+        try:
+            self.checkpointer.close()  # idempotent; also on the error path: finish the save in flight
+        finally:
+            if self.run_lock is not None:  # after the last save: the folder is free for the next run
+                self.run_lock.release()
         shutdown_distributed()

@@ -34,6 +34,14 @@ class Job:
     dump_folder: str = opt("./outputs", "Folder for metrics, checkpoints, traces and the resolved config")
     description: str = opt("", "Free-text description of the run")
     print_config: bool = opt(False, "Print the resolved config at start-up")
+    lock: bool = opt(
+        True, "Hold <dump_folder>/run.lock while running: a second live run into the folder is refused, a dead "
+        "run's lock is taken over (off: runs that share a folder on purpose)"
+    )
+    lock_timeout_seconds: float = opt(
+        300.0, "A lock held from another host is taken over once its heartbeat (refreshed every tenth of "
+        "this) is older than this"
+    )
 
 
 @dataclass
@@ -50,8 +58,17 @@ class Model:
         0, "Embedding/output rows (0 = the tokenizer's); larger pads the vocab, e.g. 128256 to benchmark "
         "a Llama 3 shape with a small tokenizer"
     )
-    attention_backend: Literal["auto", "flash", "cudnn", "efficient", "math"] = opt(
-        "auto", "SDPA kernel: auto (torch picks per call), or one pinned (no fall-back)"
+    attention_backend: Literal["auto", "flash", "cudnn", "efficient", "math", "flex"] = opt(
+        "auto", "Attention kernel: auto (SDPA, torch picks per call; FlexAttention for block_causal on CUDA), "
+        "an SDPA kernel pinned (no fall-back), or flex (FlexAttention; training needs CUDA)"
+    )
+    attention_mask: Literal["causal", "block_causal"] = opt(
+        "causal", "causal: a token sees every earlier token of its packed sequence; block_causal: only the "
+        "earlier tokens of its own document"
+    )
+    positions: Literal["sequence", "document"] = opt(
+        "sequence", "RoPE positions: sequence (0..seq_len-1 per packed row) or document (restart at 0 at each "
+        "document start)"
     )
 
 
@@ -73,8 +90,8 @@ class MoE:
 class Tokenizer:
     path: str = opt(
         "",
-        "Tokenizer file: tiktoken format (Llama 3) or sentencepiece (Llama 2). "
-        "Empty = the embedded BPE trained on the Python stdlib (built once, cached)",
+        "Tokenizer file: tiktoken format (Llama 3), sentencepiece (Llama 2), or a Hugging Face tokenizer.json "
+        "(the file or its folder). Empty = the embedded BPE trained on the Python stdlib (built once, cached)",
     )
     cache_dir: str = opt("", "Where the embedded tokenizer is cached (empty = ~/.cache/torchtitan)")
 
@@ -92,7 +109,18 @@ class Data:
     shuffle_windows: int = opt(
         0, "Shuffle packed sequences through a pool of this many (0 = stream order); mixes documents in a batch"
     )
-    val_fraction: float = opt(0.01, "Fraction of the stdlib corpus held out as the validation split")
+    max_document_tokens: int = opt(
+        0, "Split documents into pieces of at most this many tokens, each its own document for block_causal "
+        "masking and document positions (flame's context_len; 0 = no split)"
+    )
+    val_fraction: float = opt(
+        0.01, "Fraction of each source held out as its validation split, never trained on: stdlib files by path, "
+        "local documents by a hash of their text (hub datasets use their own validation split)"
+    )
+    stream_retries: int = opt(
+        5, "Hub streams: reopen a broken stream at the same document this many times in a row, then fail"
+    )
+    stream_retry_seconds: float = opt(2.0, "Hub streams: first wait before reopening; doubles per retry, at most 60")
     num_workers: int = opt(0, "DataLoader worker processes (0 = tokenize in the training process)")
     pin_memory: bool = opt(True, "Pin host batches for faster copies to CUDA (ignored on CPU)")
 
@@ -147,7 +175,7 @@ class Training:
     mixed_precision_param: Literal["", "bfloat16", "float32"] = opt(
         "", "FSDP param dtype (empty = bfloat16 on CUDA, float32 on CPU)"
     )
-    mixed_precision_reduce: str = opt("float32", "FSDP gradient reduce dtype")
+    mixed_precision_reduce: Literal["float32", "bfloat16"] = opt("float32", "FSDP gradient reduce dtype")
     enable_cpu_offload: bool = opt(
         False, "FSDP: keep sharded params, grads and optimizer state in host memory (CUDA only)"
     )
@@ -207,7 +235,7 @@ class Checkpoint:
     create_seed_checkpoint: bool = opt(
         False, "Write step-0 with the freshly initialized weights and exit (1 process only); any layout can start from it"
     )
-    exclude_from_loading: list[str] = opt(
+    exclude_from_loading: list[Literal["model", "optimizer", "lr_scheduler", "dataloader", "train_state"]] = opt(
         [], "State keys not loaded on resume: model, optimizer, lr_scheduler, dataloader, train_state"
     )
     initial_load_path: str = opt(
@@ -216,8 +244,8 @@ class Checkpoint:
         "while this run's own folder has no complete checkpoint",
     )
     hf_export_folder: str = opt(
-        "", "After the last step, write the model as a Hugging Face Llama folder (safetensors + config.json, "
-        "fp32) here; relative paths are under the dump folder; empty = off"
+        "", "After the last step, write the model as a Hugging Face folder of its family (safetensors + "
+        "config.json, fp32, + the tokenizer) here; relative paths are under the dump folder; empty = off"
     )
 
 
@@ -228,6 +256,33 @@ class Metrics:
     save_tb_folder: str = opt("tb", "TensorBoard folder under the dump folder")
     peak_flops: float = opt(
         0.0, "Peak FLOP/s per device for MFU; 0 = bf16 datasheet value for known GPUs (MFU null on CPU)"
+    )
+    enable_wandb: bool = opt(False, "Log every record to Weights & Biases too (run files under <dump_folder>/wandb)")
+    wandb_project: str = opt("torchtitan", "W&B project")
+    wandb_entity: str = opt("", "W&B entity (team or user; empty = your default)")
+    wandb_run_name: str = opt("", "W&B run name (empty = W&B picks one)")
+    wandb_tags: list[str] = opt([], "W&B run tags")
+    wandb_mode: Literal["auto", "online", "offline"] = opt(
+        "auto", "auto: $WANDB_MODE if set, else online, falling back to an offline run (upload it later with "
+        "`wandb sync`) when there is no API key or no network; online: fail instead; offline: never connect"
+    )
+
+
+@dataclass
+class Validation:
+    enable: bool = opt(False, "Evaluate the loss on held-out data during training (val_loss, val_perplexity)")
+    freq: int = opt(500, "Evaluate every N steps, and after the last step")
+    steps: int = opt(
+        -1, "Batches per evaluation, the same ones each time; -1 = every complete batch of the validation data"
+    )
+    local_batch_size: int = opt(
+        -1, "Sequences per forward on one rank while evaluating (-1 = training's local batch; must equal it "
+        "under PP). A batch is local_batch_size x dp sequences"
+    )
+    datasets: list[str] = opt(
+        [], "Validation data: empty = the held-out split of each data.datasets source; else 'stdlib' (its "
+        "held-out split), local files/folders (read whole), 'hf:<repo>[:<config>][@<split>]' (default split "
+        "'validation'). Several: one val_loss/<name> each"
     )
 
 
@@ -292,6 +347,7 @@ class JobConfig:
     parallelism: Parallelism = field(default_factory=Parallelism)
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
     metrics: Metrics = field(default_factory=Metrics)
+    validation: Validation = field(default_factory=Validation)
     profiling: Profiling = field(default_factory=Profiling)
     comm: Comm = field(default_factory=Comm)
     activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)

@@ -7,7 +7,10 @@ uses the defaults written in ``job_config.py`` plus the CLI overrides.
 Every value is converted and checked against the field's annotated type, so a
 typo or a wrong type fails at start-up with a message that names the key, where
 it came from and (for unknown keys) the closest valid key -- not 40 minutes into
-a run when a component finally reads it.
+a run when a component finally reads it. Bounds, closed sets and names (pipeline
+schedule, compile backend, model flavor) are checked whether or not their feature
+is on; ``check_paths``, called by train.py as a run starts, checks that every path
+the run may read exists (a config can be parsed on a machine without its data).
 
 The resolved config is written back as TOML (``dump_config``) with a tiny
 serializer: the tree is only ``[section] key = scalar | list``, so a full TOML
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import sys
 import typing
 from pathlib import Path
@@ -40,10 +44,13 @@ Precedence: command line > TOML file > defaults. Forms: --section.key VALUE or
 --section.flag=false (also 0/no). Lists: comma-separated, e.g. --data.datasets c4,stdlib
 (an empty string gives an empty list)."""
 
+# Every bound is checked whether or not the feature that reads the key is on: a typo must
+# not wait for the day the feature is switched on.
 _POSITIVE = (
     "training.steps",
     "training.global_batch_size",
     "training.seq_len",
+    "training.gc_freq",
     "metrics.log_freq",
     "checkpoint.interval",
     "parallelism.dp_replicate",
@@ -51,9 +58,36 @@ _POSITIVE = (
     "parallelism.pp",
     "parallelism.cp",
     "parallelism.ep",
+    "validation.freq",
+    "profiling.profile_freq",
+    "comm.init_timeout_seconds",
+    "comm.train_timeout_seconds",
 )
-# -1 means "derive it" for these; any other value must be positive.
-_POSITIVE_OR_AUTO = ("training.local_batch_size", "parallelism.dp_shard")
+# -1 means "derive it" (or "all") for these; any other value must be positive.
+_POSITIVE_OR_AUTO = ("training.local_batch_size", "parallelism.dp_shard", "validation.steps",
+                     "validation.local_batch_size")
+_NON_NEGATIVE = (
+    "model.n_layers", "model.dim", "model.n_kv_heads", "model.vocab_size",
+    "moe.aux_loss_coeff", "moe.z_loss_coeff", "moe.load_balance_coeff",
+    "optimizer.lr", "optimizer.eps", "optimizer.weight_decay",
+    "lr_scheduler.warmup_steps",
+    "training.loss_chunk_tokens", "training.max_seconds",
+    "data.shuffle_windows", "data.num_workers",
+    "parallelism.pp_microbatches",
+    "checkpoint.keep_latest_k",
+    "metrics.peak_flops",
+    "comm.trace_buf_size",
+)  # fmt: skip
+# key -> (low, high, high allowed)
+_FRACTIONS = {
+    "optimizer.beta1": (0.0, 1.0, False),
+    "optimizer.beta2": (0.0, 1.0, False),
+    "lr_scheduler.decay_ratio": (0.0, 1.0, True),
+    "lr_scheduler.min_lr_ratio": (0.0, 1.0, True),
+    "data.val_fraction": (0.0, 1.0, True),
+}
+_NON_EMPTY = ("data.text_field", "checkpoint.folder")
+_INF_OK = ("training.max_seconds", "training.max_norm")  # "no limit"; every other float must be finite
 
 
 # ---------------------------------------------------------------------------
@@ -71,6 +105,7 @@ class ConfigManager:
     def __init__(self, config_cls: type = JobConfig):
         self.config_cls = config_cls
         self.types = _field_types(config_cls)
+        self.origin: dict[str, str] = {}
 
     def parse_args(self, argv: list[str] | None = None):
         """Return the resolved config; ``--help``/``-h`` prints every option and exits 0."""
@@ -88,7 +123,12 @@ class ConfigManager:
             setattr(getattr(cfg, section), key, value)
             origin[f"{section}.{key}"] = CLI
         validate(cfg, origin)
+        self.origin = origin  # where each value came from, for check_paths' messages
         return cfg
+
+    def check_paths(self, cfg) -> None:
+        """``check_paths`` of the config this manager parsed (its messages say where each path came from)."""
+        check_paths(cfg, self.origin)
 
     def format_help(self) -> str:
         """Every option grouped by section: name, type and default, then the help text."""
@@ -158,8 +198,8 @@ def dump_config(cfg, folder: str | Path) -> Path:
     return path
 
 
-def validate(cfg, origin: dict[str, str] | None = None) -> None:
-    """Checks that belong to parsing: closed value sets and positive counts."""
+def _failer(cfg, origin: dict[str, str] | None):
+    """``value_of(dotted)`` and ``fail(dotted, what)``: the one message format of every check."""
     origin = origin or {}
 
     def value_of(dotted: str):
@@ -170,31 +210,137 @@ def validate(cfg, origin: dict[str, str] | None = None) -> None:
         where = origin.get(dotted, "the default")
         raise ValueError(f"{dotted} {what}, got {value_of(dotted)!r} (from {where}).")
 
-    # Closed value sets: the Literal[...] annotations of the dataclass tree.
-    for section, fields in _field_types(type(cfg)).items():
+    return value_of, fail
+
+
+def validate(cfg, origin: dict[str, str] | None = None) -> None:
+    """Every value checked at parse time, whether or not its feature is on: closed value sets,
+    bounds, values that depend on two keys, and (last, as they import torch) the names torch and
+    the model registry must know. Keys of sections a config tree lacks are skipped. Whether the
+    paths exist is ``check_paths``'s job: parsing a config is not running it."""
+    value_of, fail = _failer(cfg, origin)
+    types = _field_types(type(cfg))
+    for section, fields in types.items():
         for key, tp in fields.items():
-            allowed = typing.get_args(tp) if typing.get_origin(tp) is typing.Literal else None
-            if allowed and value_of(f"{section}.{key}") not in allowed:
-                fail(f"{section}.{key}", f"must be one of {', '.join(repr(a) for a in allowed)}")
-    for dotted in _POSITIVE:
-        if hasattr(cfg, dotted.split(".")[0]) and value_of(dotted) < 1:
+            _check_type_bounds(f"{section}.{key}", tp, value_of(f"{section}.{key}"), fail)
+
+    def present(keys):
+        return [dotted for dotted in keys if dotted.split(".")[0] in types]
+
+    for dotted in present(_POSITIVE):
+        if value_of(dotted) < 1:
             fail(dotted, "must be a positive integer")
-    for dotted in _POSITIVE_OR_AUTO:
-        if hasattr(cfg, dotted.split(".")[0]) and value_of(dotted) != -1 and value_of(dotted) < 1:
+    for dotted in present(_POSITIVE_OR_AUTO):
+        if value_of(dotted) != -1 and value_of(dotted) < 1:
             fail(dotted, "must be a positive integer or -1 (derived)")
+    for dotted in present(_NON_NEGATIVE):
+        if value_of(dotted) < 0:
+            fail(dotted, "must be >= 0")
+    for dotted in present(_FRACTIONS):
+        low, high, high_ok = _FRACTIONS[dotted]
+        value = value_of(dotted)
+        if not (low <= value <= high) or (value == high and not high_ok):
+            fail(dotted, f"must be in [{low:g}, {high:g}{']' if high_ok else ')'}")
+    for dotted in present(_NON_EMPTY):
+        if not value_of(dotted).strip():
+            fail(dotted, "must not be empty")
     _validate_cross_fields(cfg, fail)
+    _validate_torch_names(cfg, fail)
+
+
+def _check_type_bounds(dotted: str, tp, value, fail) -> None:
+    """Closed value sets (the Literal[...] annotations, also of list items) and finite floats."""
+    is_list = typing.get_origin(tp) is list
+    item_tp = typing.get_args(tp)[0] if is_list else tp
+    for item in value if is_list else [value]:
+        if typing.get_origin(item_tp) is typing.Literal and item not in typing.get_args(item_tp):
+            each = "each " if is_list else ""
+            fail(dotted, f"must {each}be one of {', '.join(repr(a) for a in typing.get_args(item_tp))}")
+        if item_tp is float and not (math.isfinite(item) or (math.isinf(item) and dotted in _INF_OK)):
+            fail(dotted, "must be a finite number" if not is_list else "must hold finite numbers")
 
 
 def _validate_cross_fields(cfg, fail) -> None:
     """Checks that need two fields; skipped for config trees without these sections."""
     ac = getattr(cfg, "activation_checkpoint", None)
-    if ac is not None and ac.mode == "selective":
+    if ac is not None:  # checked in every mode: it is read as soon as mode = "selective"
         option = ac.selective_ac_option
         if option != "op" and not (option.isdigit() and int(option) >= 1):
             fail("activation_checkpoint.selective_ac_option", "must be 'op' or a positive integer N")
     data = getattr(cfg, "data", None)
     if data is not None and data.weights and len(data.weights) != len(data.datasets):
         fail("data.weights", f"needs one weight per dataset ({len(data.datasets)}: {data.datasets})")
+    if data is not None and any(not w > 0 for w in data.weights):
+        fail("data.weights", "must all be positive")
+
+
+def check_paths(cfg, origin: dict[str, str] | None = None) -> None:
+    """The paths a run reads exist, checked at its start: also those read late in a run or only when
+    their feature is on (the initial checkpoint, validation data)."""
+    _, fail = _failer(cfg, origin)
+    tok = getattr(cfg, "tokenizer", None)
+    if tok is not None and tok.path and not Path(tok.path).expanduser().exists():
+        fail("tokenizer.path", "does not exist: set tokenizer.path to a tiktoken or sentencepiece .model file or a "
+             "Hugging Face tokenizer.json (or its folder), or leave it empty for the embedded tokenizer")
+    ckpt, job = getattr(cfg, "checkpoint", None), getattr(cfg, "job", None)
+    # Not needed (nor checked) once the run resumes from a complete checkpoint of its own.
+    resumes = ckpt is not None and job is not None and ckpt.enable and \
+        any((Path(job.dump_folder) / ckpt.folder).glob("step-*/.metadata"))
+    if ckpt is not None and ckpt.initial_load_path and not resumes and \
+            not (Path(ckpt.initial_load_path) / ".metadata").is_file():
+        what = "is not a folder" if not Path(ckpt.initial_load_path).is_dir() else "has no .metadata"
+        fail("checkpoint.initial_load_path", f"{what}, so it is not a complete DCP checkpoint (it is read even when "
+             "checkpoint.enable is false); point it at a step-N folder or leave it empty")
+    data, val = getattr(cfg, "data", None), getattr(cfg, "validation", None)
+    if data is not None or val is not None:
+        from torchtitan.datasets.sources import HF_ALIASES, local_files  # imports torch: after the checks above
+
+        for dotted, specs, note in (("data.datasets", data, ""),
+                                    ("validation.datasets", val, " (checked even when validation is off)")):
+            for spec in specs.datasets if specs is not None else []:
+                if spec != "stdlib" and spec not in HF_ALIASES and not spec.startswith("hf:"):
+                    try:
+                        local_files(spec)
+                    except ValueError as e:
+                        fail(dotted, f"entry {spec!r}: {e}{note}")
+
+
+def _validate_torch_names(cfg, fail) -> None:
+    """Names only torch or the model registry can check: the model family and flavor, the pipeline
+    schedule (even when pp = 1), the compile backend (even when compile is off). Imported here:
+    the checks above need no torch."""
+    m = getattr(cfg, "model", None)
+    if m is not None:
+        from torchtitan.models.registry import flavor_error, get_spec
+
+        spec = get_spec(m.name)
+        if m.flavor not in spec.flavors:
+            fail("model.flavor", f"names no {m.name} flavor ({flavor_error(m.name, m.flavor, list(spec.flavors))})")
+    p = getattr(cfg, "parallelism", None)
+    if p is not None:
+        import torch
+
+        from torchtitan.parallelisms.pipeline import available_schedules, read_csv_schedule, resolve_schedule
+
+        names = available_schedules()
+        is_file = p.pp_schedule.lower().endswith(".csv") or Path(p.pp_schedule).is_file()
+        if p.pp_schedule.lower() not in {n.lower() for n in names} and not is_file:
+            fail("parallelism.pp_schedule", f"must be one of {', '.join(names)} (the schedules of torch "
+                 f"{torch.__version__}) or a CSV schedule file; checked even when parallelism.pp = 1")
+        try:
+            plan = resolve_schedule(p.pp_schedule)
+            if plan.style == "csv":
+                read_csv_schedule(plan.csv_path)
+        except (ValueError, OSError) as e:
+            fail("parallelism.pp_schedule", f"is not a usable CSV schedule file ({e})")
+    comp = getattr(cfg, "compile", None)
+    if comp is not None:
+        import torch._dynamo
+
+        # list_backends imports every backend (~1 s): not for torch.compile's own default.
+        if comp.backend != "inductor" and comp.backend not in torch._dynamo.list_backends(exclude_tags=()):
+            fail("compile.backend", f"is not a torch.compile backend of this torch (e.g. "
+                 f"{', '.join(torch._dynamo.list_backends())}); checked even when compile.enable is false")
 
 
 # ---------------------------------------------------------------------------
@@ -281,7 +427,10 @@ def _field_types(config_cls: type) -> dict[str, dict[str, type]]:
 def _type_name(tp) -> str:
     if typing.get_origin(tp) is typing.Literal:
         return "one of " + " | ".join(repr(a) for a in typing.get_args(tp))
-    return str(tp) if typing.get_origin(tp) is list else tp.__name__
+    if typing.get_origin(tp) is list:
+        (item_tp,) = typing.get_args(tp)
+        return f"list[{_type_name(item_tp)}]"
+    return tp.__name__
 
 
 def _base_type(tp):

@@ -141,12 +141,13 @@ class FileListSource(Stateful):
     def __iter__(self) -> Iterator[str]:
         while True:
             from_start = self.file_index == 0 and self.record_index == 0
-            yielded = 0
+            yielded = read = 0
             while self.file_index < len(self.files):
                 path = self.files[self.file_index]
                 for text in read_texts(path, self.text_field, self.record_index):
                     # Advance before yielding, so a state_dict taken now points past this document.
                     self.record_index += 1
+                    read += 1
                     if not self._in_split(text):
                         continue
                     self.origin = (self.name, self.epoch)
@@ -154,14 +155,14 @@ class FileListSource(Stateful):
                     yield text
                 self.file_index, self.record_index = self.file_index + 1, 0
             if from_start and yielded == 0:
-                raise ValueError(self._no_documents())
+                raise ValueError(self._no_documents(held_out=read > 0))
             if not self.loop:
                 raise EndOfSplit(f"dataset {self.name!r}: every document was read once")
             logger.info(f"dataset {self.name!r}: epoch {self.epoch} done, looping")
             self.epoch, self.file_index, self.record_index = self.epoch + 1, 0, 0
 
-    def _no_documents(self) -> str:
-        if self.split != "all":
+    def _no_documents(self, held_out: bool) -> str:
+        if held_out:  # documents exist, all on the other side of the split
             return (
                 f"dataset {self.name!r} has no documents in its {self.split} split ({len(self.files)} files; "
                 f"data.val_fraction={self.val_fraction} of the documents, chosen by a hash of their text, are "
