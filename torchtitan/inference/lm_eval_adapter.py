@@ -2,7 +2,7 @@
 
 Everything that decides a number follows lm-eval's own ``hf`` backend (``HFLM``) run on our exported
 Hugging Face folder, whose tokenizer prepends bos as ours does at training, so per-request
-loglikelihoods equal HFLM's (tests/test_eval.py):
+loglikelihoods equal HFLM's (tests/e2e/test_eval.py):
 
 - text is encoded with bos prepended, except a string that starts with the bos text (which, as in
   training data, stays text);

@@ -57,7 +57,7 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, loss_parallel: bool,
     at the block boundary, a per-block torch.compile (torch 2.13, CPU) fails in backward with
     "'Tensor' object has no attribute '_local_tensor'": the graph's from_local/to_local at its
     edges hands a plain gradient to DTensor's redistribute backward. DTensor in, DTensor out
-    traces cleanly and matches eager (tests/test_parallel.py, tp+sp+compile).
+    traces cleanly and matches eager (tests/e2e/test_parallel.py, tp+sp+compile).
 
     The embedding, norms and output projection always use the plain styles (they stay in
     high precision under float8).
