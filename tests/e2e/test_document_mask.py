@@ -8,9 +8,6 @@
 - training with block_causal gives the same losses under CP2 and PP2 as on one process.
 """
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +17,7 @@ from torchtitan.datasets.packing import PackedDataset
 from torchtitan.datasets.sources import FileListSource
 from torchtitan.models.layers import AttentionInputs, CausalSDPA, document_ids_from_positions
 from torchtitan.models.registry import get_spec
-from tests.helpers.runs import REPO, _free_port, assert_losses_match, max_rel_diff, read_losses, tiny_overrides, torchrun
+from tests.helpers.runs import REPO, assert_losses_match, max_rel_diff, read_losses, tiny_overrides, torchrun
 
 BOS, EOS = 1, 2
 
@@ -130,12 +127,8 @@ def test_flex_attention_equals_the_sdpa_mask_path():
 
 
 def _worker(nproc: int, extra: list[str], tmp_path: Path, cache_dir: Path) -> float:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{_free_port()}",
-           str(REPO / "tests" / "helpers" / "document_mask_worker.py"), *tiny_overrides(tmp_path, cache_dir), *extra]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = torchrun(nproc, tiny_overrides(tmp_path, cache_dir) + extra,
+                    script=REPO / "tests" / "helpers" / "document_mask_worker.py")
     return float(proc.stdout.split("MAXDIFF")[-1].split()[0])
 
 

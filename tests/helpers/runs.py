@@ -36,16 +36,20 @@ def tiny_overrides(dump: Path, cache: Path, steps: int = 5) -> list[str]:
 
 
 def torchrun(nproc: int, args: list[str], timeout: int = 600, check: bool = True,
-             hooks: list[str] = ()) -> subprocess.CompletedProcess:
+             hooks: list[str] = (), script: Path | None = None) -> subprocess.CompletedProcess:
     """``torchrun --nproc_per_node nproc train.py args`` on localhost; one thread per rank.
 
-    ``hooks`` (e.g. ["--sigterm-at-step", "5"]) run the script through tests/helpers/train_runner.py.
+    ``hooks`` (e.g. ["--sigterm-at-step", "5"]) run the script through tests/helpers/train_runner.py;
+    ``script`` runs another script (e.g. tests/helpers/document_mask_worker.py) with the same args.
     """
-    script = [str(RUNNER), *hooks, "--"] if hooks else [str(REPO / "train.py")]
+    if script is not None:
+        target = [str(script)]
+    else:
+        target = [str(RUNNER), *hooks, "--"] if hooks else [str(REPO / "train.py")]
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
         "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{_free_port()}",
-        *script, *args,
+        *target, *args,
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)

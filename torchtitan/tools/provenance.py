@@ -28,12 +28,13 @@ _JOB_ENV = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_RESTART_COUNT", "SLURM_
             "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
 
 
-def _git(*args: str) -> str | None:
+def _git(*args: str, ok: tuple[int, ...] = (0,)) -> str | None:
+    """git's output, or None when git is missing, hangs or exits with a code not in ``ok``."""
     try:
         out = subprocess.run(["git", "-C", str(PACKAGE_ROOT), *args], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):  # no git on this machine, or a hung file system
         return None
-    return out.stdout if out.returncode == 0 else None
+    return out.stdout if out.returncode in ok else None
 
 
 def code_version() -> tuple[dict, str]:
@@ -50,18 +51,12 @@ def code_version() -> tuple[dict, str]:
     untracked = (_git("ls-files", "--others", "--exclude-standard") or "").split()
     for path in untracked:
         if (PACKAGE_ROOT / path).stat().st_size <= _MAX_UNTRACKED_BYTES:  # code, not stray data files
-            diff += _untracked_diff(path)
+            # `git diff --no-index` exits 1 when the files differ, as they always do here.
+            diff += _git("diff", "--no-index", "--binary", "/dev/null", path, ok=(0, 1)) or ""
     branch = (_git("rev-parse", "--abbrev-ref", "HEAD") or "").strip()
     code = {"source": str(PACKAGE_ROOT), "git_commit": commit.strip(), "git_branch": branch,
             "dirty": bool(diff), "untracked_files": untracked}
     return code, diff
-
-
-def _untracked_diff(path: str) -> str:
-    # `git diff --no-index` exits 1 when files differ (always, here): run it for its output anyway.
-    out = subprocess.run(["git", "-C", str(PACKAGE_ROOT), "diff", "--no-index", "--binary", "/dev/null", path],
-                         capture_output=True, text=True, timeout=30)
-    return out.stdout
 
 
 def software() -> dict:
