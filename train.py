@@ -2,23 +2,17 @@
 (what run_train.sh and multinode_trainer.slurm run; plain ``torchrun`` or ``python train.py`` work too).
 
 A user error (bad config, missing file, unwritable folder, corrupted checkpoint, non-finite loss)
-ends the run with one ``error: ...`` paragraph and exit code 1 instead of a traceback from deep
+ends the run with one ``error: ...`` line and exit code 1 instead of a traceback from deep
 inside torch; ``TORCHTITAN_TRACEBACK=1`` re-raises it with the full traceback. Under a launcher
 each failure is also written to the rank's torchelastic error file, from which
-``torchtitan.tools.launch`` prints one summary (see there).
+``torchtitan.tools.launch`` prints one summary (see there and torchtitan/tools/cli.py).
 """
 
-import logging
 import os
 import sys
 
 from torchtitan.config.manager import ConfigManager
-from torchtitan.tools import launch
-
-# What a user can fix: config values, paths, permissions, data, checkpoints, diverging training.
-# (tomllib.TOMLDecodeError is a ValueError; OSError subclasses cover missing/unwritable paths.)
-USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError,
-               FileExistsError, FloatingPointError)
+from torchtitan.tools.cli import main_with_user_errors, stop_background_saver
 
 
 def run(argv: list[str] | None = None) -> None:
@@ -47,7 +41,7 @@ def run(argv: list[str] | None = None) -> None:
         else:
             # No final barrier: the other ranks may be inside a collective that will never
             # complete, and a barrier would wait for the whole comm timeout. Exit at once instead.
-            _stop_background_saver()
+            stop_background_saver()
         raise
     trainer.close()
 
@@ -72,51 +66,9 @@ def check_dump_folder(folder: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run; under a launcher every failure also leaves its report in torchelastic's error file
-    (the launcher prints one summary from it instead of torchrun's traceback)."""
-    launch.enable_fault_log()
-    try:
-        run(argv)
-    except USER_ERRORS as e:
-        if os.environ.get("TORCHTITAN_TRACEBACK", "") not in ("", "0"):
-            launch.record_crash(e)
-            raise
-        _exit_with_error(e)
-    except Exception as e:  # a bug or a crash: the launcher shows this traceback as the root cause
-        launch.record_crash(e)
-        raise
-
-
-def _exit_with_error(e: BaseException) -> None:
-    """Log one paragraph on this rank and leave at once (exit code 1).
-
-    ``os._exit`` skips the interpreter's teardown: a gloo process group that was not destroyed
-    after a barrier aborts there at random ("terminate called without an active exception"),
-    and the peers of a failed rank cannot join a barrier anyway; torchrun stops them.
-    """
-    rank = os.environ.get("RANK")
-    prefix = f"[rank{rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
-    message = str(e).strip() or type(e).__name__
-    if isinstance(e, OSError) and e.filename and str(e.filename) not in message:
-        message = f"{message}: {e.filename}"
-    line = f"{prefix}error: {type(e).__name__}: {message} (set TORCHTITAN_TRACEBACK=1 for the full traceback)"
-    print(line, file=sys.stderr, flush=True)
-    launch.record_user_error(line)
-    logging.shutdown()
-    sys.stdout.flush()
-    _stop_background_saver()
-    getattr(sys.modules.get("torchtitan.components.run_lock"), "release_all", lambda: None)()  # os._exit skips atexit
-    os._exit(1)
-
-
-def _stop_background_saver() -> None:
-    """DCP's checkpoint process (async_with_pinned_mem) must not outlive the trainer."""
-    checkpoint = sys.modules.get("torchtitan.components.checkpoint")  # not imported: nothing to stop
-    try:
-        if checkpoint is not None:
-            checkpoint._stop_checkpoint_process()
-    except Exception:  # best effort on the way out
-        pass
+    """Run; a user error ends in one ``error:`` line and exit code 1, and under a launcher every
+    failure also leaves its report in torchelastic's error file (see torchtitan/tools/cli.py)."""
+    main_with_user_errors(run, argv)
 
 
 # The guard matters: process-based async checkpointing re-imports this module.

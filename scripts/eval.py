@@ -22,7 +22,6 @@ task, missing checkpoint, ...) ends with one ``error:`` line and exit code 1.
 import argparse
 import difflib
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -31,8 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from torchtitan.inference.loading import DTYPES, find_checkpoint, load_for_inference  # noqa: E402
-
-USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError)
+from torchtitan.tools.cli import main_with_user_errors  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -144,13 +142,7 @@ def run(argv: list[str] | None = None) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
-        run(argv)
-    except USER_ERRORS as e:
-        if os.environ.get("TORCHTITAN_TRACEBACK", "") not in ("", "0"):
-            raise
-        print(f"error: {str(e).strip() or type(e).__name__}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
+    main_with_user_errors(run, argv)  # a user error: one error: line, exit code 1
 
 
 if __name__ == "__main__":

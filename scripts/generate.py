@@ -18,8 +18,6 @@ divide the heads) ends with one ``error: ...`` line and exit code 1 (argparse us
 
 import argparse
 import json
-import logging
-import os
 import sys
 from pathlib import Path
 
@@ -29,9 +27,7 @@ import torch  # noqa: E402
 
 from torchtitan.inference import GenerationStats, generate, load_for_inference  # noqa: E402
 from torchtitan.inference.loading import DTYPES  # noqa: E402
-
-# What a user can fix (as train.py): values, paths, checkpoints.
-USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError)
+from torchtitan.tools.cli import main_with_user_errors  # noqa: E402
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -83,28 +79,14 @@ def run(a: argparse.Namespace) -> None:
         Path(a.output_json).write_text(json.dumps(record, indent=1) + "\n")
 
 
-def main(argv: list[str]) -> None:
-    a = parse(argv)
-    try:
-        run(a)
-    except USER_ERRORS as e:
-        if os.environ.get("TORCHTITAN_TRACEBACK", "") not in ("", "0"):
-            raise
-        _exit_with_error(e)
+def parse_and_run(argv: list[str]) -> None:
+    run(parse(argv))
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
 
-def _exit_with_error(e: BaseException) -> None:
-    """One line on stderr, exit code 1; os._exit skips a gloo teardown that can abort (see train.py)."""
-    rank = os.environ.get("RANK")
-    prefix = f"[rank{rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
-    message = " ".join(str(e).split()) or type(e).__name__
-    print(f"{prefix}error: {type(e).__name__}: {message} (set TORCHTITAN_TRACEBACK=1 for the full traceback)",
-          file=sys.stderr, flush=True)
-    logging.shutdown()
-    sys.stdout.flush()
-    os._exit(1)
+def main(argv: list[str]) -> None:
+    main_with_user_errors(parse_and_run, argv)  # a user error: one error: line, exit code 1
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@
 #   MEASURE=1   also run the config for real on this machine (torchrun, NGPU processes,
 #               2 train steps) and compare rank 0's measured peak with the estimate
 # Extra arguments are config overrides: ./scripts/run_memory_estimation.sh --training.seq_len 4096
+# No tokenizer file is needed (a note says where the vocab size came from); a config with
+# compile.enable is estimated eager (a note says so). A bad input: one `error:` line, exit 1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -17,6 +17,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
+from torchtitan.components.auto_batch import OOMRetry, auto_local_batch
 from torchtitan.components.checkpoint import BlobState, CheckpointManager, ModelState, OptimizerState
 from torchtitan.components.float8 import Float8Training
 from torchtitan.components.metrics import MetricsLogger
@@ -114,6 +115,16 @@ def batch_split(global_bs: int, local_bs: int, dp: int) -> tuple[int, int]:
     return local_bs, global_bs // (local_bs * dp)
 
 
+def resolve_batch_split(cfg: JobConfig, dims: ParallelDims, device: torch.device, vocab_size: int) -> tuple[int, int]:
+    """``batch_split`` of the config; local_batch_size = 0 (auto) picks the local batch from the memory estimate."""
+    t = cfg.training
+    local_bs = t.local_batch_size
+    if local_bs == 0:
+        batch_split(t.global_batch_size, -1, dims.dp)  # the global batch must split over dp first
+        local_bs = auto_local_batch(cfg, dims, device, vocab_size)
+    return batch_split(t.global_batch_size, local_bs, dims.dp)
+
+
 def build_parallel_dims(p: ParallelismConfig, device_type: str) -> ParallelDims:
     """The degrees of ``[parallelism]`` checked against the world size, and the one mesh."""
     dims = ParallelDims(p.dp_replicate, p.dp_shard, p.cp, p.tp, p.pp, torch.distributed.get_world_size(), ep=p.ep)
@@ -139,9 +150,7 @@ class Trainer:
         self.parallel_dims = self.build_parallel_dims()
         set_determinism(cfg.training.seed, cfg.training.deterministic)
         self.tokenizer = build_tokenizer(cfg.tokenizer.path, cfg.tokenizer.cache_dir)
-        self.local_bs, self.accum_steps = batch_split(
-            cfg.training.global_batch_size, cfg.training.local_batch_size, self.parallel_dims.dp
-        )
+        self.local_bs, self.accum_steps = self.build_batch_split()
         # Before anything sized by the config is allocated: a run that cannot fit fails now, in one line.
         check_memory_fits(cfg, self.parallel_dims, self.device, self.local_bs, self.accum_steps, self.tokenizer.n_words)
         self.dataloader = build_dataloader(
@@ -157,6 +166,7 @@ class Trainer:
         self.float8 = Float8Training(cfg.float8, self.device, self.parallel_dims.fsdp_enabled)
         self.host_group = self.build_host_group()
         self.pending_check: PendingFiniteCheck | None = None
+        self.oom_retry = OOMRetry(cfg.training.oom_retry and not self.parallel_dims.pp_enabled, self.host_group)
         self.step_fn = ForwardBackward(
             cfg.training, self.parallel_dims, self.device, self.cp, self.local_bs, self.accum_steps,
             cfg.parallelism.loss_parallel, attention_mask=cfg.model.attention_mask, positions=cfg.model.positions,
@@ -183,6 +193,9 @@ class Trainer:
 
     def build_parallel_dims(self) -> ParallelDims:
         return build_parallel_dims(self.cfg.parallelism, self.device.type)
+
+    def build_batch_split(self) -> tuple[int, int]:
+        return resolve_batch_split(self.cfg, self.parallel_dims, self.device, self.tokenizer.n_words)
 
     def build_host_group(self):
         """Host-side agreements (stop requests) need a CPU group: the default one is gloo on CPU;
@@ -322,7 +335,7 @@ class Trainer:
         t0 = time.perf_counter()
         batch = next(data_iter)  # this rank's rows of the global batch: [G/dp, seq_len + 1]
         self.metrics.counters.data_seconds += time.perf_counter() - t0
-        loss_sum = self.step_fn(batch)
+        loss_sum = self.oom_retry(self.step_fn, batch)  # in the first steps: an OOM lowers the local batch
         pp_group = self.parallel_dims.submesh("pp").get_group() if self.parallel_dims.pp_enabled else None
         grad_norm = clip_grad_norm_(self.parameters(), self.cfg.training.max_norm, pp_group=pp_group)
         not_finite = self._not_finite_anywhere(loss_sum, grad_norm)

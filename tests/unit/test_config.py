@@ -176,7 +176,7 @@ def test_missing_config_file(tmp_path):
         (["--training.seq_len", "-5"], r"training\.seq_len must be a positive integer"),
         (["--training.global_batch_size", "0"], r"global_batch_size must be a positive integer"),
         (["--metrics.log_freq", "0"], r"metrics\.log_freq must be a positive integer"),
-        (["--training.local_batch_size", "0"], r"local_batch_size must be a positive integer or -1"),
+        (["--training.local_batch_size", "-2"], r"local_batch_size must be a positive integer, -1 \(global/dp\) or 0"),
         (["--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option", "x"], r"'op' or a positive integer"),
         (["--data.datasets", "a,b", "--data.weights", "1"], r"data\.weights needs one weight per dataset"),
     ],

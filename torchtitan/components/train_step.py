@@ -9,6 +9,7 @@ import contextlib
 from typing import Callable
 
 import torch
+import torch.nn as nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
@@ -52,6 +53,28 @@ class ForwardBackward:
         for part in built.parts:
             for moe in moe_modules(part).values():
                 moe.aux_loss_scale = 1.0 / (self.accum_steps * micro)
+
+    def set_local_batch(self, local_bs: int) -> None:
+        """Another microbatch size for the same rows per rank (accumulation follows), without PP: the
+        schedule's microbatches are fixed when it is built."""
+        rows = self.local_bs * self.accum_steps
+        if rows % local_bs or self.built.pipeline is not None:
+            raise ValueError(f"local batch {local_bs} does not split {rows} rows per rank (or PP is on)")
+        self.local_bs, self.accum_steps = local_bs, rows // local_bs
+        self.attach(self.built)  # the MoE aux-loss scale follows the accumulation
+
+    def discard_step(self) -> None:
+        """Drop what a forward/backward that raised (or is being redone) left behind: the gradients,
+        FSDP's per-iteration state (gathered parameters, accumulated unsharded gradients) and the
+        MoE routing counts, so that running it again is a fresh step."""
+        for part in self.built.parts:
+            for p in part.parameters():
+                p.grad = None
+            if isinstance(part, FSDPModule):  # the root: resets every FSDP module under it
+                part.reset_iter_state()
+                drop_unsharded_grads(part)
+            for moe in moe_modules(part).values():
+                moe.pop_stats()
 
     def _autocast(self):
         """bf16 compute without FSDP: autocast (FSDP's MixedPrecisionPolicy does it when sharding)."""
@@ -170,6 +193,20 @@ class ForwardBackward:
         loss_sum = mean.double() * n_tokens if mean is not None else torch.zeros((), dtype=torch.float64,
                                                                                  device=self.device)
         return loss_sum, torch.tensor(float(n_tokens), dtype=torch.float64, device=self.device)
+
+
+def drop_unsharded_grads(root: nn.Module) -> None:
+    """FSDP keeps the gradients of microbatches without gradient sync on its unsharded parameters
+    until the last microbatch reduce-scatters them; ``reset_iter_state`` (torch 2.13) leaves them
+    there, so a redone step would add them twice. No public API drops them: FSDP's own fields."""
+    for module in root.modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        for group in module._get_fsdp_state()._fsdp_param_groups:
+            for fsdp_param in group.fsdp_params:
+                if hasattr(fsdp_param, "_unsharded_param"):  # created at the first all-gather
+                    fsdp_param._unsharded_param.grad = None
+                fsdp_param.unsharded_accumulated_grad = None
 
 
 def split_rows(batch: dict[str, torch.Tensor], rows: int) -> list[dict[str, torch.Tensor]]:

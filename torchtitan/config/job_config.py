@@ -158,8 +158,21 @@ class Training:
     )
     local_batch_size: int = opt(
         -1,
-        "Sequences per forward on one rank (the system choice); -1 = global/dp (no accumulation). "
+        "Sequences per forward on one rank (the system choice); -1 = global/dp (no accumulation), 0 = auto: "
+        "the largest divisor of global/dp whose estimated peak fits memory_limit_gib less memory_margin. "
         "Gradient accumulation = global / (local x dp)",
+    )
+    memory_limit_gib: float = opt(
+        0.0, "Memory per process that local_batch_size = 0 sizes the batch for; 0 = the GPU's total memory "
+        "(CUDA), or on CPU the host's memory (or cgroup limit) shared by the processes of this host"
+    )
+    memory_margin: float = opt(
+        0.1, "local_batch_size = 0: the fraction of memory_limit_gib kept free (allocator fragmentation, "
+        "runtime, estimate error)"
+    )
+    oom_retry: bool = opt(
+        True, "An out-of-memory error in the forward/backward of the first 3 steps lowers the local batch once "
+        "(about half, accumulation up: the same global batch) and retries the step (not under PP)"
     )
     seq_len: int = opt(2048, "Tokens per sequence")
     max_norm: float = opt(1.0, "Gradient clipping max norm (<= 0 disables clipping)")

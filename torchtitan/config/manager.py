@@ -64,14 +64,13 @@ _POSITIVE = (
     "comm.train_timeout_seconds",
 )
 # -1 means "derive it" (or "all") for these; any other value must be positive.
-_POSITIVE_OR_AUTO = ("training.local_batch_size", "parallelism.dp_shard", "validation.steps",
-                     "validation.local_batch_size")
+_POSITIVE_OR_AUTO = ("parallelism.dp_shard", "validation.steps", "validation.local_batch_size")
 _NON_NEGATIVE = (
     "model.n_layers", "model.dim", "model.n_kv_heads", "model.vocab_size",
     "moe.aux_loss_coeff", "moe.z_loss_coeff", "moe.load_balance_coeff",
     "optimizer.lr", "optimizer.eps", "optimizer.weight_decay",
     "lr_scheduler.warmup_steps",
-    "training.loss_chunk_tokens", "training.max_seconds",
+    "training.loss_chunk_tokens", "training.max_seconds", "training.memory_limit_gib",
     "data.shuffle_windows", "data.num_workers",
     "parallelism.pp_microbatches",
     "checkpoint.keep_latest_k",
@@ -85,6 +84,7 @@ _FRACTIONS = {
     "lr_scheduler.decay_ratio": (0.0, 1.0, True),
     "lr_scheduler.min_lr_ratio": (0.0, 1.0, True),
     "data.val_fraction": (0.0, 1.0, True),
+    "training.memory_margin": (0.0, 1.0, False),
 }
 _NON_EMPTY = ("data.text_field", "checkpoint.folder")
 _INF_OK = ("training.max_seconds", "training.max_norm")  # "no limit"; every other float must be finite
@@ -233,6 +233,8 @@ def validate(cfg, origin: dict[str, str] | None = None) -> None:
     for dotted in present(_POSITIVE_OR_AUTO):
         if value_of(dotted) != -1 and value_of(dotted) < 1:
             fail(dotted, "must be a positive integer or -1 (derived)")
+    if "training" in types and value_of("training.local_batch_size") < -1:
+        fail("training.local_batch_size", "must be a positive integer, -1 (global/dp) or 0 (auto)")
     for dotted in present(_NON_NEGATIVE):
         if value_of(dotted) < 0:
             fail(dotted, "must be >= 0")

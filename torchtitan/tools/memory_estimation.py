@@ -13,9 +13,9 @@ Methods, named in the output:
   grads, optimizer state, activations and temporaries at the peak);
 - ``MemTracker``: one process with ``disable_fake_mode`` (real tensors);
 - ``analytic``: everything else (TP, PP, CP, EP, DDP, one process on fake tensors), or when a
-  tracker fails. Parameter bytes are still exact (summed over this rank's local shards of the
-  model the trainer builds, on the meta device);
-  activations come from a per-block formula (see ``analytic_activation_bytes``).
+  tracker fails: the planner's accounting (torchtitan/planner/memory.py, shared with scripts/plan.py
+  and the automatic micro-batch) of the model args the trainer builds -- parameter counts exact
+  per sharding class, activations from a per-block formula checked against measured runs.
 
 Measuring a real run for comparison (``measure_real_peak``): ``torch.cuda.max_memory_allocated``
 on CUDA; on CPU, torch.profiler allocation events (``profile_memory=True``). The CPU allocator
@@ -23,15 +23,23 @@ reports each allocation and free with the running total of bytes allocated since
 started, so starting the profiler before the Trainer materializes the model gives the live
 tensor bytes of the run at every moment -- the same quantity the estimator tracks, without
 the Python/torch runtime that the process RSS adds (hundreds of MB).
+
+What a config needs that the estimate does without (each said in a note of the output):
+- the tokenizer: only its size matters. ``model.vocab_size`` if set, else the tokenizer's
+  (as training), else -- no tokenizer file yet, as for the shipped Llama 3 configs -- the
+  flavor's own vocab_size (Llama 3: 128256);
+- ``compile.enable``: estimated eager (inductor under fake tensors crashes natively, torch 2.13 CPU).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -42,6 +50,7 @@ from torchtitan.components.optimizer import build_lr_scheduler, build_optimizer
 from torchtitan.components.tokenizer import build_tokenizer
 from torchtitan.components.train_step import ForwardBackward
 from torchtitan.config.job_config import JobConfig
+from torchtitan.models.registry import flavor_error, get_spec
 from torchtitan.parallelisms.parallel_dims import ParallelDims
 from torchtitan.parallelisms.utils import clip_grad_norm_, device_type
 from torchtitan.tools.logging import logger
@@ -127,6 +136,7 @@ class EstimateRun:
     lr_scheduler: object
     float8: Float8Training
     microbatch_hooks: list = field(default_factory=list)  # called before every microbatch
+    vocab_source: str = ""  # where vocab_size came from (a note of the estimate)
 
     @property
     def model(self):
@@ -145,11 +155,14 @@ def build_run(cfg: JobConfig, device: torch.device, tensor_mode=contextlib.nullc
     """Layout, batch split, model (no weight init: values do not change memory, and fake tensors
     have none to draw), optimizer and lr schedule, exactly as the trainer builds them. The model
     and optimizer are built under ``tensor_mode()`` (FakeTensorMode); the mesh is not."""
-    from torchtitan.trainer import batch_split, build_context_parallel, build_parallel_dims
+    from torchtitan.trainer import build_context_parallel, build_parallel_dims, resolve_batch_split
 
     dims = build_parallel_dims(cfg.parallelism, device.type if device.type != "meta" else device_type())
-    vocab = build_tokenizer(cfg.tokenizer.path, cfg.tokenizer.cache_dir).n_words
-    local_bs, accum = batch_split(cfg.training.global_batch_size, cfg.training.local_batch_size, dims.dp)
+    vocab, vocab_source = estimate_vocab(cfg)
+    if cfg.training.local_batch_size == 0 and not cfg.training.memory_limit_gib and device_type() != "cuda":
+        raise ValueError("training.local_batch_size = 0 (auto) sizes the batch for the device's memory; to estimate "
+                         "it here set training.memory_limit_gib to the target GPU's (e.g. 80), or a local batch")
+    local_bs, accum = resolve_batch_split(cfg, dims, torch.device(device_type()), vocab)
     cp = build_context_parallel(cfg, dims, device.type)
     float8 = Float8Training(cfg.float8, device, dims.fsdp_enabled)
     hooks: list = []
@@ -164,7 +177,45 @@ def build_run(cfg: JobConfig, device: torch.device, tensor_mode=contextlib.nullc
         optimizer = build_optimizer(cfg.optimizer, params, device.type)
         lr_scheduler = build_lr_scheduler(cfg.lr_scheduler, optimizer, cfg.training.steps)
     return EstimateRun(cfg, device, dims, vocab, local_bs, accum, step_fn, built, optimizer, lr_scheduler, float8,
-                       hooks)
+                       hooks, vocab_source)
+
+
+def estimate_vocab(cfg: JobConfig) -> tuple[int, str]:
+    """(vocab size, where it came from): ``model.vocab_size`` if set, else the tokenizer's if its
+    file exists (what training uses; an empty path is the embedded tokenizer), else the flavor's
+    own vocab_size. Only the size matters for memory, so a missing tokenizer is no error here."""
+    m, path = cfg.model, cfg.tokenizer.path
+    if m.vocab_size > 0:
+        return m.vocab_size, f"vocab {m.vocab_size}: model.vocab_size"
+    if not path or Path(path).expanduser().exists():
+        vocab = build_tokenizer(path, cfg.tokenizer.cache_dir).n_words
+        return vocab, f"vocab {vocab}: the tokenizer's ({path or 'embedded'})"
+    spec = get_spec(m.name)
+    if m.flavor not in spec.flavors:
+        raise flavor_error(spec.name, m.flavor, list(spec.flavors))
+    vocab = spec.flavors[m.flavor].vocab_size
+    return vocab, (f"vocab {vocab}: {m.name} {m.flavor}'s default (tokenizer.path {path!r} does not exist; "
+                   f"training uses the tokenizer's size, or set model.vocab_size)")
+
+
+def eager_config(cfg: JobConfig) -> tuple[JobConfig, list[str]]:
+    """``cfg`` with compile.enable off (and async TP, which needs it), and the note saying so.
+
+    Compiling under FakeTensorMode crashes natively (Segmentation fault in inductor, torch 2.13
+    CPU, after a minute of compiling). Params, grads and optimizer state do not depend on compile;
+    compiled blocks usually keep fewer activations (fused intermediates), so eager errs high.
+    """
+    if not cfg.compile.enable:
+        return cfg, []
+    exp = cfg.experimental
+    also = ""
+    if exp.enable_async_tensor_parallel:
+        exp = dataclasses.replace(exp, enable_async_tensor_parallel=False)
+        also = " and without async TP (it needs compile)"
+    eager = dataclasses.replace(cfg, compile=dataclasses.replace(cfg.compile, enable=False), experimental=exp)
+    note = (f"compile.enable: estimated eager{also}; compiled blocks keep the same params, grads and optimizer "
+            f"state and usually fewer activations (inductor fuses intermediates away)")
+    return eager, [note]
 
 
 def fake_batch(t: EstimateRun) -> dict[str, torch.Tensor]:
@@ -235,76 +286,28 @@ def tracked_estimate(t, method: str) -> MemoryEstimate:
     return categorize(snap, method, dist.get_world_size(), layout_of(t.parallel_dims))
 
 
-def _local_bytes(tensors) -> int:
-    total = 0
-    for p in tensors:
-        local = p.to_local() if hasattr(p, "to_local") else p
-        total += local.numel() * local.element_size()
-    return total
-
-
-def _ffn_width(args) -> int:
-    """MLP hidden width per token: an MoE layer keeps its top_k routed experts' (and shared ones')."""
-    moe = getattr(args, "moe", None)
-    if moe is not None:
-        return (moe.top_k + moe.num_shared_experts) * moe.hidden_dim
-    return args.ffn_hidden_dim if hasattr(args, "ffn_hidden_dim") else args.hidden_dim
-
-
-def analytic_activation_bytes(t) -> tuple[int, int]:
-    """(saved activations of this rank's blocks, peak of the loss) in bytes, eager autograd.
-
-    Per block and token, the tensors autograd keeps (fp32 unless autocast/mixed precision):
-    block input and residual (2D), each RMSNorm's normed and scaled output (2 x 2D), RoPE'd q,
-    repeated k and v, the attention output and its reshaped copy (~5D under TP: /tp), and the
-    SwiGLU w1, silu, w3 and product outputs (4F, /tp). Activation checkpointing keeps only the
-    block input of checkpointed blocks (+ one recomputed block during backward). The loss
-    keeps the logits and the log-softmax (2V, /tp with loss_parallel) plus their gradients.
-    """
-    cfg, dims = t.cfg, t.parallel_dims
-    args = t.model_parts[0].model_args
-    tokens = t.local_bs * cfg.training.seq_len // dims.cp
-    if dims.pp_enabled:  # each microbatch's activations live until its backward (1F1B: up to pp)
-        tokens = tokens // max(1, t.pipeline.n_microbatches) * dims.pp
-    width = 2 if (cfg.training.mixed_precision_param == "bfloat16" or
-                  (not cfg.training.mixed_precision_param and t.device.type == "cuda")) else 4
-    D, F, V, tp = args.dim, _ffn_width(args), args.vocab_size, dims.tp
-    per_block = tokens * (6 * D / tp + 5 * D / tp + 4 * F / tp) * width  # SP: norms are T/tp
-    n_blocks = sum(len(part.layers) for part in t.model_parts)
-    if cfg.activation_checkpoint.mode == "full":
-        saved = n_blocks * tokens * D / tp * width + per_block
-    elif cfg.activation_checkpoint.mode == "selective" and cfg.activation_checkpoint.selective_ac_option.isdigit():
-        every = int(cfg.activation_checkpoint.selective_ac_option)
-        n_ckpt = (n_blocks + every - 1) // every
-        saved = (n_blocks - n_ckpt) * per_block + n_ckpt * tokens * D / tp * width + per_block
-    else:  # none, or op-level SAC (keeps most matmul outputs: counted as none)
-        saved = n_blocks * per_block
-    has_output = any(getattr(part, "output", None) is not None for part in t.model_parts)
-    loss = 4 * tokens * V / (tp if cfg.parallelism.loss_parallel else 1) * 4 if has_output else 0
-    return int(saved), int(loss)
-
-
 def analytic_estimate(t, reason: str = "") -> MemoryEstimate:
-    """Exact local parameter bytes (from the built model) + AdamW state + the activation formula."""
-    dims = t.parallel_dims
-    params = _local_bytes(p for part in t.model_parts for p in part.parameters())
-    buffers = _local_bytes(b for part in t.model_parts for b in part.buffers())
-    grads = params
-    optimizer = 2 * params  # AdamW exp_avg and exp_avg_sq (the step counters are scalars)
-    saved, loss = analytic_activation_bytes(t)
-    # FSDP: the all-gathered params (compute dtype) of about two blocks (current + prefetch)
-    # and their unsharded gradients are alive at once besides the shards.
-    gathered = 0
-    if dims.fsdp_enabled:
-        blocks = [b for part in t.model_parts for b in part.layers.values()]
-        if blocks:
-            gathered = 2 * 2 * _local_bytes(blocks[0].parameters()) * dims.dp_shard * dims.cp
+    """Rank 0's peak by the planner's accounting (torchtitan/planner/memory.py: the one shared by
+    scripts/plan.py and ``training.local_batch_size = 0``) for this run's model args and layout.
+
+    Categories as the trackers name them: what FSDP gathers goes to params (parameters) and grads
+    (unsharded gradients, a third of it), DDP's buckets to grads.
+    """
+    from torchtitan.planner.layout import Layout, ModelShape
+    from torchtitan.planner.memory import compute_width, peak_memory
+
+    cfg, dims = t.cfg, t.parallel_dims
+    shape = ModelShape.from_args(cfg.model.name, cfg.model.flavor, t.built.args)
+    layout = Layout.from_config(cfg, dims.world_size, t.local_bs, t.accum_steps, dims)
+    width = compute_width(cfg.training.mixed_precision_param, device_type())
+    m = peak_memory(shape, layout, cfg.training.seq_len, width, pp_rank=0,
+                    loss_chunk_tokens=cfg.training.loss_chunk_tokens)
+    gathered_params = 2 * m.other // 3 if dims.fsdp_enabled else 0
     est = MemoryEstimate(
-        params=params + buffers + gathered // 2, grads=grads + gathered // 2, optimizer=optimizer,
-        activations=saved + loss, total=0, method="analytic", world_size=dist.get_world_size(),
+        params=m.params + gathered_params, grads=m.grads + m.other - gathered_params, optimizer=m.optimizer,
+        activations=m.activations, total=m.total, method="analytic", world_size=dist.get_world_size(),
         layout=layout_of(dims),
     )
-    est.total = est.params + est.grads + est.optimizer + est.activations
     if reason:
         est.notes.append(reason)
     return est
@@ -318,6 +321,7 @@ def estimate_memory(cfg: JobConfig, world_size: int, fake: bool | None = None) -
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     fake = not cfg.memory_estimation.disable_fake_mode if fake is None else fake
+    cfg, notes = eager_config(cfg)
     init_fake_process_group(world_size)
     try:
         p = cfg.parallelism
@@ -340,6 +344,7 @@ def estimate_memory(cfg: JobConfig, world_size: int, fake: bool | None = None) -
         est.notes.append(
             f"local batch {t.local_bs} x accumulation {t.accum_steps}, seq_len {cfg.training.seq_len}{steps}"
         )
+        est.notes += [t.vocab_source, *notes]
         return est
     finally:
         dist.destroy_process_group()
