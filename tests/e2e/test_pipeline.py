@@ -144,9 +144,9 @@ def test_split_point_errors():
     with pytest.raises(ValueError, match="strictly increasing"):
         ppl.stage_boundaries(names, 3, ["layers.2", "layers.1"])
     with pytest.raises(ValueError, match="has 2 names but schedule 1F1B with pp=2 has 2 stages, so it needs 1"):
-        ppl._num_stages(ppl.resolve_schedule("1F1B"), 2, ["layers.1", "layers.2"], 0)
+        ppl.num_stages_of(ppl.resolve_schedule("1F1B"), 2, ["layers.1", "layers.2"], 0)
     with pytest.raises(ValueError, match="multiple of 2 stages"):
-        ppl._num_stages(ppl.resolve_schedule("Interleaved1F1B"), 2, ["layers.1", "layers.2"], 0)
+        ppl.num_stages_of(ppl.resolve_schedule("Interleaved1F1B"), 2, ["layers.1", "layers.2"], 0)
     with pytest.raises(ValueError, match="fewer than the 4 pipeline stages"):
         ppl.stage_boundaries(names[:3], 4, [])
     assert ppl.stage_boundaries(names, 2, ["layers.1"]) == [0, 1]

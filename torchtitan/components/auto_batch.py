@@ -29,7 +29,7 @@ from torchtitan.config.job_config import Parallelism as ParallelismConfig
 from torchtitan.config.job_config import Training as TrainingConfig
 from torchtitan.models.registry import get_spec
 from torchtitan.parallelisms.parallel_dims import ParallelDims
-from torchtitan.parallelisms.pipeline import _num_stages, read_csv_schedule, resolve_schedule
+from torchtitan.parallelisms.pipeline import num_stages_of, read_csv_schedule, resolve_schedule
 from torchtitan.planner.memory import memory_for_job
 from torchtitan.tools.logging import logger
 from torchtitan.tools.memory_check import host_memory
@@ -113,7 +113,7 @@ def pipeline_microbatches(parallelism: ParallelismConfig) -> int:
     plan = resolve_schedule(parallelism.pp_schedule)
     if plan.style == "csv":
         return read_csv_schedule(plan.csv_path)[2]
-    num_stages = _num_stages(plan, parallelism.pp, list(parallelism.pp_split_points), 0)
+    num_stages = num_stages_of(plan, parallelism.pp, list(parallelism.pp_split_points), 0)
     return parallelism.pp_microbatches or (parallelism.pp if plan.style == "single" else num_stages)
 
 

@@ -128,7 +128,7 @@ def _stage_ids_from_csv(rows: list[list[str]], pp_rank: int, pp: int, path: str)
     return tuple(sorted(ids))
 
 
-def _num_stages(plan: _SchedulePlan, pp: int, split_points: list[str], csv_stages: int) -> int:
+def num_stages_of(plan: _SchedulePlan, pp: int, split_points: list[str], csv_stages: int) -> int:
     """Stage count implied by the schedule; split points, when given, must agree with it."""
     if plan.style == "csv":
         want = csv_stages
@@ -240,7 +240,7 @@ def build_pipeline(
     csv_rows, csv_stages, csv_microbatches = (
         read_csv_schedule(plan.csv_path) if plan.style == "csv" else ([], 0, 0)
     )
-    num_stages = _num_stages(plan, pp, split_points, csv_stages)
+    num_stages = num_stages_of(plan, pp, split_points, csv_stages)
     n_microbatches = resolve_microbatches(
         parallelism_cfg.pp_microbatches, plan, pp, num_stages, csv_microbatches, local_batch_size
     )

@@ -16,8 +16,14 @@ and the efficiency factors are what large public runs reach (see BENCHMARKS.md, 
   and between nodes (one NIC per GPU), as collectives reach it (ring bus bandwidth);
 - ``latency_s``: the fixed cost of one collective, ``hbm_gbps``: memory bandwidth (the optimizer
   step is memory bound), ``memory_gib``: what the device gives the allocator;
-- ``launch_s``: the host's cost of dispatching one eager op; on a GPU it overlaps the kernels
-  (``launch_overlaps``: it only shows when the kernels are shorter), on a CPU it adds up.
+- ``comm_overlap``: how much of a block's compute can hide FSDP / DDP collectives: 1 on GPUs (NCCL
+  runs on its own stream and SMs), ~0 on a CPU (gloo's threads compete with compute for the cores);
+- ``launch_s``: the host's cost of dispatching one eager op (``dtensor_launch_s`` more for an op on
+  DTensors, under TP); on a GPU it overlaps the kernels (``launch_overlaps``: it only shows when the
+  kernels are shorter), on a CPU it adds up;
+- ``shared_compute``: processes per compute unit. 1 for GPUs; a CPU host running more ranks than
+  cores measures ``peak_tflops`` with every rank busy, and a rank idle in a pipeline bubble hands
+  its share of the cores to the others, so bubbles cost less there.
 
 ``calibrate.py`` measures the same fields on this machine (matmul throughput, gloo collective
 bandwidth and latency with N processes at once, memory bandwidth) and writes them as JSON, so the
@@ -47,8 +53,11 @@ class Hardware:
     half_size: float = 96.0
     elementwise_overhead: float = 0.40
     compiled_overhead: float = 0.25
+    comm_overlap: float = 1.0  # fraction of compute that FSDP / DDP collectives can hide behind
     launch_s: float = 6e-6  # host cost of dispatching one op (eager)
     launch_overlaps: bool = True  # GPU: kernels run while the host dispatches; CPU: one after the other
+    dtensor_launch_s: float = 40e-6  # extra host cost of an op on DTensors (TP): sharding propagation
+    shared_compute: float = 1.0  # processes per compute unit (CPU ranks on fewer cores: > 1)
     compute_bytes: int = 2  # activations and gathered parameters (bf16); 4 on CPU (fp32)
     notes: str = ""
 
@@ -75,7 +84,7 @@ GPUS: dict[str, Hardware] = {
     "cpu": Hardware("cpu", memory_gib=4.0, peak_tflops=0.05, fp8_tflops=0.0, hbm_gbps=10.0, intra_gbps=1.0,
                     inter_gbps=1.0, latency_s=100e-6, inter_latency_s=100e-6, matmul_efficiency=1.0,
                     attention_efficiency=0.5, half_size=32.0, compute_bytes=4, launch_s=50e-6,
-                    launch_overlaps=False,
+                    launch_overlaps=False, comm_overlap=0.0, dtensor_launch_s=300e-6,
                     notes="nominal CPU process (uncalibrated): run plan.py --calibrate for this machine's"),
 }  # fmt: skip
 

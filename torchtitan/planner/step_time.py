@@ -145,7 +145,8 @@ def step_time(shape: ModelShape, layout: Layout, seq_len: int, hw: Hardware, top
         matmul_s = step_tokens * (lin_all + head) / rate
     matmul_s += step_tokens * attn_all / attn_rate
     overhead = hw.compiled_overhead if layout.compile else hw.elementwise_overhead
-    launches = n_micro * len(blocks) * OPS_PER_BLOCK * 3 * (1 + recompute) * hw.launch_s / (4 if layout.compile else 1)
+    launch_s = hw.launch_s + (hw.dtensor_launch_s if tp > 1 else 0.0)  # DTensor's sharding propagation per op
+    launches = n_micro * len(blocks) * OPS_PER_BLOCK * 3 * (1 + recompute) * launch_s / (4 if layout.compile else 1)
     kernels = matmul_s * (1 + overhead)
     t.compute = max(kernels, launches) if hw.launch_overlaps else kernels + launches
     fwd_share = 1 / 3  # of the compute: the forward; the backward is the other two thirds
@@ -157,7 +158,9 @@ def step_time(shape: ModelShape, layout: Layout, seq_len: int, hw: Hardware, top
             bubble /= per_rank
         if "zero" in layout.pp_schedule.lower() or style == "v":
             bubble /= 3
-        t.bubble = t.compute * bubble
+        # Ranks that share compute units (CPU processes on fewer cores) give their share to the busy
+        # ones while idle: the bubble costs only what the shared capacity cannot absorb.
+        t.bubble = max(0.0, t.compute * (1 + bubble) / hw.shared_compute - t.compute)
         hop = micro_tokens * shape.dim / tp * w
         t.bubble += 2 * (layout.pp - 1) * comm.gather("pp", hop * 2)  # fill and drain
 
@@ -168,12 +171,13 @@ def step_time(shape: ModelShape, layout: Layout, seq_len: int, hw: Hardware, top
         root = ((shape.embedding / tp if first else 0) + (shape.output / tp if last else 0)) * w
         per_block_compute = t.compute / max(1, len(blocks)) / n_micro
         gathers = 2 * n_micro if layout.reshards() else layout.accum
-        hide = per_block_compute * (fwd_share if layout.reshards() else 1)
+        hide = per_block_compute * (fwd_share if layout.reshards() else 1) * hw.comm_overlap
         exposed = sum(k * max(0.0, comm.gather("fsdp", b) - hide) for b, k in kinds.items())
         first_gather = comm.gather("fsdp", max(kinds, default=0))
         t.fsdp = gathers * (exposed + first_gather) + comm.gather("fsdp", root)
         rs = {b: comm.gather("fsdp", b / w * 4) for b in kinds}  # fp32 gradient reduce
-        t.fsdp += sum(k * max(0.0, rs[b] - per_block_compute * (1 - fwd_share)) for b, k in kinds.items())
+        hide_rs = per_block_compute * (1 - fwd_share) * hw.comm_overlap
+        t.fsdp += sum(k * max(0.0, rs[b] - hide_rs) for b, k in kinds.items())
         t.fsdp += max(rs.values(), default=0.0)
         t.fsdp += comm.gather("fsdp", root / w * 4)
 
@@ -186,7 +190,7 @@ def step_time(shape: ModelShape, layout: Layout, seq_len: int, hw: Hardware, top
             t.tp += n_micro * 3 * comm.all_reduce("tp", micro_tokens * 4)  # loss-parallel max / sum / target
     if cp > 1:
         kv = 2 * micro_rows * seq_len * shape.n_kv_heads * shape.head_dim / tp * w
-        t.cp = n_micro * len(blocks) * passes * comm.gather("cp", kv)
+        t.cp = n_micro * len(blocks) * passes * 2 * comm.gather("cp", kv / 2)  # K and V: one collective each
     if ep > 1 and shape.num_experts:
         moe_blocks = sum(1 for lp in blocks if lp.expert)
         routed = micro_tokens * shape.top_k * shape.dim * w
@@ -198,7 +202,8 @@ def step_time(shape: ModelShape, layout: Layout, seq_len: int, hw: Hardware, top
     shard = local_params / layout.fsdp
     if layout.dp_replicate > 1:
         ar = comm.all_reduce("dp", shard * 4)
-        t.dp = max(0.0, ar - 0.8 * t.compute * (1 - fwd_share)) + min(ar, comm.all_reduce("dp", 25e6))
+        hide_dp = 0.8 * t.compute * (1 - fwd_share) * hw.comm_overlap
+        t.dp = max(0.0, ar - hide_dp) + min(ar, comm.all_reduce("dp", 25e6))
     t.optimizer = 28 * shard / (hw.hbm_gbps * 1e9) * 2 + 2 * hw.latency_s * layout.pp
     return t
 

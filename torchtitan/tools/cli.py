@@ -41,10 +41,7 @@ T = TypeVar("T")
 
 def main_with_user_errors(fn: Callable[[list[str] | None], T], argv: list[str] | None = None) -> T:
     """``fn(argv)``; a user error ends the process with one ``error:`` line and exit code 1."""
-    try:
-        launch.enable_fault_log()
-    except (OSError, ValueError):  # stderr without a file descriptor (captured by a caller in-process)
-        pass
+    launch.enable_fault_log()
     try:
         return fn(argv)
     except USER_ERRORS as e:

@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -60,7 +59,10 @@ def enable_fault_log() -> None:
             _fault_log_file = open(os.path.join(os.path.dirname(error_file), FAULT_LOG), "w")
     except OSError:  # no log folder to write: stderr, as without a launcher
         _fault_log_file = None
-    faulthandler.enable(_fault_log_file or sys.stderr, all_threads=True)
+    try:
+        faulthandler.enable(_fault_log_file or sys.stderr, all_threads=True)
+    except (OSError, ValueError):  # stderr without a file descriptor (captured in-process, e.g. by pytest)
+        pass
 
 
 def record_user_error(line: str) -> None:
