@@ -39,14 +39,12 @@ def test_calibrate_two_processes(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_step_time_rank_correlation():
     sys.path.insert(0, str(REPO / "bench"))
-    from planner_step_time import run_benchmark
-
-    from torchtitan.planner.calibrate import calibrate
+    from planner_step_time import calibrate_quietly, run_benchmark
 
     # Sharding, replication, tensor and pipeline parallelism, recomputation and accumulation: 7 layouts
     # whose measured step times differ by up to 2x; 2 interleaved runs each (~6 minutes in all).
     layouts = ["fsdp4", "ddp4", "tp2_fsdp2", "tp4", "fsdp4_ac_full", "fsdp4_local1_accum2", "pp4_gpipe_4mb"]
-    result = run_benchmark(layouts, calibrate(4), steps=7, rounds=2, log=lambda line: None)
+    result = run_benchmark(layouts, calibrate_quietly(), steps=7, rounds=2, log=lambda line: None)
     table = "\n".join(f"{r['layout']}: measured {r['measured']:.3f} s (other load {r['load']:.2f} cores), "
                       f"predicted {r['predicted']:.3f} s" for r in result["rows"])
     assert result["spearman"] >= 0.8, f"Spearman {result['spearman']:.3f}\n{table}"

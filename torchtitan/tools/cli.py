@@ -48,7 +48,10 @@ def main_with_user_errors(fn: Callable[[list[str] | None], T], argv: list[str] |
         if os.environ.get("TORCHTITAN_TRACEBACK", "") not in ("", "0"):
             launch.record_crash(e)
             raise
-        exit_with_error(e)
+        # A script run as __main__ or under a launcher may exit hard; a caller running ``main``
+        # in-process (a test) gets SystemExit.
+        launched = "RANK" in os.environ or "LOCAL_RANK" in os.environ
+        exit_with_error(e, hard=launched or getattr(fn, "__module__", "") == "__main__")
     except Exception as e:  # a bug or a crash: the launcher shows this traceback as the root cause
         launch.record_crash(e)
         raise
@@ -64,14 +67,15 @@ def error_line(e: BaseException) -> str:
     return f"{prefix}error: {type(e).__name__}: {message} (set TORCHTITAN_TRACEBACK=1 for the full traceback)"
 
 
-def exit_with_error(e: BaseException) -> NoReturn:
+def exit_with_error(e: BaseException, hard: bool = True) -> NoReturn:
     """Print and record ``error_line(e)``, stop what must not outlive the process, exit with code 1.
 
     With a process group or another non-daemon thread alive: ``os._exit``, which skips the
     interpreter's teardown -- a gloo process group that was not destroyed after a barrier aborts
     there at random ("terminate called without an active exception"), the peers of a failed rank
     cannot join a barrier anyway (torchrun stops them), and a stuck thread would keep the process.
-    Otherwise ``SystemExit(1)``, which a caller running ``main`` in-process (a test) can catch.
+    Otherwise, or with ``hard`` False (``main`` called in-process, not as the script), ``SystemExit(1)``,
+    which the caller (a test) can catch.
     """
     line = error_line(e)
     print(line, file=sys.stderr, flush=True)
@@ -80,7 +84,7 @@ def exit_with_error(e: BaseException) -> NoReturn:
     sys.stdout.flush()
     stop_background_saver()
     getattr(sys.modules.get("torchtitan.components.run_lock"), "release_all", lambda: None)()  # os._exit skips atexit
-    if _teardown_is_unsafe():
+    if hard and _teardown_is_unsafe():
         os._exit(1)
     raise SystemExit(1) from None
 
