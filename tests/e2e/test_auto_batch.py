@@ -103,6 +103,7 @@ def test_oom_at_local_4_retries_the_step_at_local_2(tmp_path, cache_dir, explici
     same_run(tmp_path, explicit[2])  # bit-identical: the same step from the same state, once
 
 
+@pytest.mark.slow  # two runs, ~40 s: CI keeps the retry's success paths
 def test_oom_twice_or_with_the_retry_off_fails(tmp_path, cache_dir):
     again = run_with_oom(args(tmp_path / "a", cache_dir, "--training.local_batch_size", "4"), "--oom-above", "1",
                          check=False)
@@ -127,7 +128,7 @@ def two_ranks_local2(tmp_path_factory, cache_dir) -> Path:
 
 @pytest.mark.parametrize("oom, failed", [
     (["--at", "end", "--rank", "0"], "[0]"),
-    (["--at", "loss", "--skip", "1"], "[0, 1]"),
+    pytest.param(["--at", "loss", "--skip", "1"], "[0, 1]", marks=pytest.mark.slow),  # ~1 min of CI saved
 ], ids=["rank0-after-backward", "every-rank-second-microbatch"])
 def test_two_ranks_retry_together(tmp_path, cache_dir, two_ranks_local2, oom, failed):
     """At local 4 (accumulation 2) an OOM on rank 0 alone after the step's collectives, or on every

@@ -135,6 +135,7 @@ def test_llama3_8b_config_as_in_the_readme():
     _shipped_config_estimate("8B", 8, 1)
 
 
+@pytest.mark.slow  # CI runs the 405B one (TP x PP), the same analytic path
 def test_llama3_70b_config_as_in_the_readme():  # ~15-25 s: the analytic path (TP), mostly imports
     _shipped_config_estimate("70B", 8, 4)  # README: NGPU=8 NNODES=4 CONFIG_FILE=train_configs/llama3_70b.toml
 
