@@ -233,12 +233,12 @@ def apply_overrides(cfg, overrides: dict[str, dict]):
 
 def shape_of_config(cfg) -> ModelShape:
     """The model a trainer config names, with ``model.vocab_size`` or the flavor's vocab (no tokenizer read)."""
-    from torchtitan.models.registry import get_spec
+    from torchtitan.models.registry import flavor_error, get_spec
 
     m = cfg.model
     spec = get_spec(m.name)
     if m.flavor not in spec.flavors:
-        raise ValueError(f"model.flavor {m.flavor!r} is not a {m.name} flavor; use one of {', '.join(spec.flavors)}")
+        raise flavor_error(spec.name, m.flavor, list(spec.flavors))
     vocab = m.vocab_size or spec.flavors[m.flavor].vocab_size
     args = spec.build_args(m.flavor, vocab_size=vocab, max_seq_len=cfg.training.seq_len, n_layers=m.n_layers,
                            dim=m.dim, n_kv_heads=m.n_kv_heads)
