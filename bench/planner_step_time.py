@@ -2,12 +2,13 @@
 
 On 4 gloo ranks of this host, the debug model (llama3 debugmodel, seq 256, 8 sequences per step)
 under layouts that differ clearly; each is trained for a few steps with train.py under torchrun
-and its step time is the median of ``step_time_s`` over the steps after warm-up (the host is
+and its step time is the median of ``step_time_s`` over the steps after warm-up. The host is
 shared with other jobs: every layout runs in 2 interleaved rounds, each run started once the rest
-of the host is quiet, and the fastest quiet run counts). The planner's
-prediction (``search.predict_for_config``) uses the constants ``calibrate(4)`` measures first on
-the same host with 4 processes at once (on a quiet host: again if others computed meanwhile). Reported: a table (layout, measured, predicted, ratio, the
-predicted parts) and the Spearman rank correlation of predicted vs measured.
+of the host is quiet, and the fastest quiet run counts. The planner's prediction
+(``search.predict_for_config``) uses the constants ``calibrate(4)`` measures first on the same
+host with 4 processes at once (on a quiet host; again if others computed meanwhile). Reported: a
+table (layout, measured, predicted, ratio, the predicted parts) and the Spearman rank correlation
+of predicted vs measured.
 
     OMP_NUM_THREADS=1 python bench/planner_step_time.py [--layouts fsdp4,ddp4,...] [--steps 8] [--rounds 2]
         [--hardware calib.json] [--save-calibration calib.json] [--json out.json]

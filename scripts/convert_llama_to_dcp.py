@@ -4,8 +4,9 @@
         [--flavor NAME] [--max-seq-len N] [--rope-scaling-factor F] [--dtype float32|bfloat16|keep]
 
 The model-parallel shards are merged (fairscale layout) and written as a weights-only DCP
-checkpoint ({"model": state_dict}) plus model_args.json. Our model uses Meta's interleaved
-RoPE layout, so no weight is permuted. Start training from it with
+checkpoint ({"model": state_dict}) plus model_args.json, and the folder's tokenizer.model into
+<output_dcp_dir>/tokenizer/ (where generate, eval and convert_dcp_to_hf.py find it). Our model
+uses Meta's interleaved RoPE layout, so no weight is permuted. Start training from it with
 ``--checkpoint.enable --checkpoint.initial_load_path <output_dcp_dir>`` (weights only: optimizer,
 schedule and data start fresh), or load it yourself with
 ``dcp.load({"model": model.state_dict()}, checkpoint_id=<output_dcp_dir>)``.
@@ -17,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from torchtitan.components.weight_conversion import DTYPES, save_dcp  # noqa: E402
+from torchtitan.components.weight_conversion import DTYPES, copy_tokenizer_files, save_dcp  # noqa: E402
 from torchtitan.models.llama.meta_checkpoint import load_meta_checkpoint, match_flavor  # noqa: E402
 
 
@@ -39,8 +40,10 @@ def main(argv: list[str] | None = None) -> None:
     if a.dtype != "keep":
         sd = {k: v.to(DTYPES[a.dtype]) for k, v in sd.items()}
     save_dcp(sd, args, a.output_dir)
+    tokenizer = copy_tokenizer_files(a.meta_dir, a.output_dir)
     n = sum(t.numel() for t in sd.values())
     print(f"wrote {a.output_dir}: {n:,} parameters, flavor {flavor or '(none matches)'}, {args}")
+    print(f"tokenizer: {tokenizer or f'none in {a.meta_dir} (generate and eval need --tokenizer)'}")
     if flavor is not None:
         print(f"train with --model.flavor {flavor} (vocab_size {args.vocab_size} must match the tokenizer)")
 

@@ -6,7 +6,8 @@ Estimate (one process, fake tensors, fake process group of NGPU x NNODES ranks, 
 Measure a real run for comparison (under torchrun; 2 train steps, rank 0's peak tensor bytes):
     torchrun --standalone --nproc_per_node 2 scripts/estimate_memory.py --measure \
         --config train_configs/debug_model.toml [--compare-to est.json] [--json-out measured.json]
-Every other argument is a config override, as for train.py. See torchtitan/tools/memory_estimation.py.
+Every other argument is a config override, as for train.py (without --config, train_configs/debug_model.toml
+as train.py). See torchtitan/tools/memory_estimation.py.
 No tokenizer file is needed (only its size matters; a note says where the size came from), and a
 compiled config is estimated eager (a note says so). A bad input (flavor, config value, path, --ngpu)
 ends with one ``error: ...`` line and exit code 1.
@@ -23,6 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from torchtitan.config.manager import ConfigManager  # noqa: E402
 from torchtitan.tools import memory_estimation as me  # noqa: E402
 from torchtitan.tools.cli import main_with_user_errors  # noqa: E402
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "train_configs" / "debug_model.toml"
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -59,7 +62,7 @@ def count(name: str, value: str) -> int:
 def run(argv: list[str]) -> None:
     args, rest = parse(argv)
     world_size = count("ngpu", args.ngpu) * count("nnodes", args.nnodes)
-    cfg = ConfigManager().parse_args(rest)
+    cfg = ConfigManager(default_config_file=DEFAULT_CONFIG).parse_args(rest)  # train.py's default run
     if args.measure:
         measure(cfg, args)
     else:

@@ -16,7 +16,8 @@ Tasks are lm-eval's own (their datasets come from the HF hub or its cache; ``HF_
 uses the cache only) or YAML files under ``--include_path`` (e.g. tests/data/lm_eval_task:
 ``dataset_path: json`` with local ``data_files``, paths relative to where you run). Prints the
 harness's results table and writes the results as JSON to ``--output_path``. A bad input (unknown
-task, missing checkpoint, ...) ends with one ``error:`` line and exit code 1.
+task, missing checkpoint, ...) ends with one ``error:`` line and exit code 1; a task name is checked
+first, in about a second, before torch, the task index and the model are loaded.
 """
 
 import argparse
@@ -27,10 +28,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-
-from torchtitan.inference.loading import DTYPES, find_checkpoint, load_for_inference  # noqa: E402
+# torch and the model loader are imported once the arguments and task names are known to be fine.
+from torchtitan.tools.lm_eval_tasks import check_task_names  # noqa: E402
 from torchtitan.tools.cli import main_with_user_errors  # noqa: E402
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # torchtitan.inference.loading.DTYPES, without importing torch
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -44,7 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num_fewshot", type=int, default=None, help="few-shot examples (default: each task's own)")
     p.add_argument("--output_path", default="", help="JSON file to write the results to")
     p.add_argument("--tokenizer", default="", help="tokenizer file or folder (default: the config's / checkpoint's)")
-    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--device", default="", help="e.g. cuda:0 or cpu (default: CUDA if available)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (run under torchrun with as many ranks)")
     p.add_argument("--seed", type=int, default=0, help="seed of few-shot sampling and of sampled generation")
@@ -55,6 +57,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise ValueError(f"--limit must be a whole number of documents or a fraction in (0, 1), got {a.limit:g}")
     if a.output_path and Path(a.output_path).is_dir():  # found out now, not after the whole evaluation
         raise ValueError(f"--output_path {a.output_path!r} is a folder: pass the JSON file to write")
+    a.tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
+    if not a.tasks:
+        raise ValueError("--tasks is empty: pass one or more task names, e.g. --tasks hellaswag,arc_easy")
     return a
 
 
@@ -74,9 +79,7 @@ def build_task_manager(tasks: list[str], include_path: str):
     """
     from lm_eval.tasks import TaskManager
 
-    if include_path and not Path(include_path).is_dir():
-        raise ValueError(f"--include_path {include_path!r} is not a folder: pass a folder of task YAML files")
-    if include_path:
+    if include_path:  # a folder: check_task_names said so
         manager = TaskManager(include_path=include_path, include_defaults=False)
         if not _unknown(manager, tasks):
             return manager
@@ -86,7 +89,7 @@ def build_task_manager(tasks: list[str], include_path: str):
         close = difflib.get_close_matches(unknown[0], manager.all_tasks, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         where = f"lm-eval's tasks or {include_path}" if include_path else "lm-eval's tasks (yours: --include_path)"
-        raise ValueError(f"unknown task {unknown[0]!r}: not in {where}.{hint} `lm-eval list tasks` lists them")
+        raise ValueError(f"unknown task {unknown[0]!r}: not in {where}.{hint} `lm-eval ls tasks` lists them")
     return manager
 
 
@@ -97,20 +100,19 @@ def _unknown(manager, tasks: list[str]) -> list[str]:
 
 def evaluate(a: argparse.Namespace) -> dict | None:
     """Load the model, run the harness; the results dict on the rank that reports (None on the others)."""
+    import torch
     from lm_eval import simple_evaluate
 
     from torchtitan.inference.lm_eval_adapter import TorchTitanLM  # an lm-eval LM: imports lm-eval
+    from torchtitan.inference.loading import DTYPES, find_checkpoint, load_for_inference
 
-    tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
-    if not tasks:
-        raise ValueError("--tasks is empty: pass one or more task names, e.g. --tasks hellaswag,arc_easy")
     find_checkpoint(a.checkpoint)  # a missing checkpoint fails before the task index is built
-    manager = build_task_manager(tasks, a.include_path)
+    manager = build_task_manager(a.tasks, a.include_path)
     im = load_for_inference(a.config or None, a.checkpoint, device=torch.device(a.device) if a.device else None,
                             tp=a.tp, dtype=DTYPES[a.dtype] if a.dtype else None, tokenizer=a.tokenizer or None)
     lm = TorchTitanLM.from_inference_model(im, batch_size=a.batch_size, seed=a.seed)
     limit = int(a.limit) if a.limit is not None and a.limit >= 1 else a.limit
-    results = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, num_fewshot=a.num_fewshot, limit=limit,
+    results = simple_evaluate(model=lm, tasks=a.tasks, task_manager=manager, num_fewshot=a.num_fewshot, limit=limit,
                               log_samples=False, random_seed=a.seed, numpy_random_seed=a.seed,
                               torch_random_seed=a.seed, fewshot_random_seed=a.seed)
     if results is not None:  # say what was evaluated (lm-eval records a pre-built LM as "TorchTitanLM")
@@ -136,6 +138,7 @@ def report(results: dict, output_path: str) -> None:
 def run(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
     _import_lm_eval()
+    check_task_names(a.tasks, a.include_path)  # a typo fails here, in about a second
     results = evaluate(a)
     if results is not None:
         report(results, a.output_path)

@@ -1,13 +1,14 @@
 """Which layout to run a model on N GPUs: memory and step time of every layout, ranked, before queueing.
 
-    python scripts/plan.py --model.flavor 8B --gpus 8 --gpu h100 --seq_len 8192 --global_batch_tokens 1M
+    python scripts/plan.py --config train_configs/llama3_8b.toml --gpus 8 --gpu h100 --seq_len 8192 --global_batch_tokens 1M
     python scripts/plan.py --config train_configs/llama3_70b.toml --gpus 256 --write_config 70b_256.toml
     python scripts/plan.py --model.name qwen3 --model.flavor 30B-A3B --gpus 64 --gpu h200 --global_batch 512
     python scripts/plan.py --calibrate --nproc 4 --hardware_out cpu4.json      # measure this machine
     python scripts/plan.py --hardware cpu4.json --gpus 4 --gpus_per_node 4 --config train_configs/debug_model.toml
 
 The model comes from ``--model.*`` keys or a config file (``--config``; any ``--section.key`` override
-applies); its vocabulary is ``model.vocab_size`` or the flavor's (no tokenizer is read). The global
+applies); its vocabulary is the one the run trains with: ``model.vocab_size``, else the tokenizer's
+(the embedded one's size without building it), else the flavor's (the plan says which). The global
 batch is ``--global_batch`` sequences or ``--global_batch_tokens`` (K/M suffixes), else the config's.
 Every layout keeps that global batch (local batch x accumulation x dp). The GPU is a row of
 torchtitan/planner/hardware.py (``--gpu``), a JSON file (``--hardware``: a calibration or a custom
@@ -25,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from torchtitan.config.manager import ConfigManager, config_to_toml  # noqa: E402
 from torchtitan.planner import hardware, search  # noqa: E402
 from torchtitan.planner.memory import GIB  # noqa: E402
+from torchtitan.planner.vocab import run_vocab  # noqa: E402
 from torchtitan.tools.cli import main_with_user_errors  # noqa: E402
 
 
@@ -90,8 +92,9 @@ def build_request(args, cfg) -> search.PlanRequest:
     schedules = tuple(s for s in args.pp_schedules.split(",") if s)
     for s in schedules:
         search.Layout(pp=2, pp_schedule=s).schedule()  # an unknown schedule fails here, in one line
+    vocab, vocab_note = run_vocab(cfg)
     return search.PlanRequest(
-        shape=search.shape_of_config(cfg), gpus=args.gpus, gpus_per_node=min(args.gpus_per_node, args.gpus), hw=hw,
+        shape=search.shape_of_config(cfg, vocab), vocab_note=vocab_note, gpus=args.gpus, gpus_per_node=min(args.gpus_per_node, args.gpus), hw=hw,
         seq_len=seq, global_batch=batch, ac_modes=ac, pp_schedules=schedules, max_pp=args.max_pp,
         allow_cp=args.cp, allow_ep=not args.no_ep, allow_float8=args.float8, compile=not args.no_compile,
         margin=args.margin,
@@ -102,16 +105,17 @@ def report(req: search.PlanRequest, cands: list[search.Candidate], top: int) -> 
     s = req.shape
     lines = [
         f"{s.family} {s.flavor}: {s.params / 1e9:.2f}B parameters ({s.active_params / 1e9:.2f}B active), vocab "
-        f"{s.vocab}; {req.gpus} x {req.hw.name} ({req.hw.memory_gib:.0f} GiB, {req.hw.peak_tflops:.0f} TFLOPs bf16), "
+        f"{s.vocab}; {req.gpus} x {req.hw.name} ({req.hw.memory_gib:.0f} GiB, {req.hw.describe_peak()}), "
         f"{req.gpus_per_node} per node; seq_len {req.seq_len}, global batch {req.global_batch} sequences "
         f"({req.global_batch * req.seq_len / 1e6:.2f}M tokens)",
+        *([req.vocab_note] if req.vocab_note else []),
         f"memory per GPU at the peak (the pipeline rank that needs the most); fits = at most "
         f"{req.budget / GIB:.1f} GiB ({1 - req.margin:.0%}); step seconds = compute + bubble + exposed comm",
     ]
     fitting = [c for c in cands if c.fits]
     lines.append(search.format_table(cands, top, req))
     if len(fitting) >= 2:
-        lines.append(search.explain(fitting[0], fitting[1]))
+        lines.append(search.explain(fitting[0], fitting[1], req.gpus_per_node))
     elif not fitting:
         lines.append(f"no layout fits in {req.budget / GIB:.1f} GiB: the smallest needs "
                      f"{cands[0].memory.total / GIB:.1f} GiB ({cands[0].layout.describe()}); use more GPUs, "
@@ -124,7 +128,7 @@ def write_config(path: str, cfg, best: search.Candidate, req: search.PlanRequest
     out = search.apply_overrides(cfg, search.to_config_overrides(best, req))
     header = (f"# Written by scripts/plan.py for {req.gpus} x {req.hw.name}: {best.layout.describe()}\n"
               f"# predicted {best.memory.total / GIB:.1f} GiB per GPU, {best.time.total:.3f} s per step, "
-              f"{best.tokens_per_s:,.0f} tokens/s per GPU, MFU {best.mfu:.1%}\n"
+              f"{best.tokens_per_s:,.0f} tokens/s per GPU{'' if best.mfu is None else f', MFU {best.mfu:.1%}'}\n"
               f"#   NGPU={req.gpus_per_node} CONFIG_FILE={path} ./run_train.sh\n")
     Path(path).write_text(header + config_to_toml(out), encoding="utf-8")
 

@@ -2,7 +2,8 @@
 
 Order of set-up (each a ``build_*`` function below): process group -> mesh ->
 tokenizer -> data -> model on the meta device -> parallelize -> materialize and
-init -> optimizer -> lr schedule -> checkpoint load -> metrics -> validator. The model is whatever family
+init -> optimizer -> lr schedule -> checkpointer -> validator -> the start accepted (run_folder.py: resume,
+fresh start or refusal; nothing is written into the dump folder before) -> metrics. The model is whatever family
 ``model.name`` names in the registry (components/model_builder.py); the trainer names none.
 """
 
@@ -24,17 +25,18 @@ from torchtitan.components.metrics import MetricsLogger
 from torchtitan.components.model_builder import BuiltModel, ModelBuilder
 from torchtitan.components.moe_monitor import MoEMonitor
 from torchtitan.components.optimizer import build_lr_scheduler, build_optimizer
+from torchtitan.components.run_folder import accept_start
 from torchtitan.components.run_lock import take_run_lock
 from torchtitan.components.tokenizer import build_tokenizer
 from torchtitan.components.train_step import ForwardBackward
 from torchtitan.components.validation import Validator, build_validator
-from torchtitan.components.weight_conversion import save_hf_checkpoint
+from torchtitan.components.weight_conversion import check_hf_export, export_hf_or_keep_weights, hf_export_path
 from torchtitan.config.job_config import JobConfig
 from torchtitan.config.job_config import Parallelism as ParallelismConfig
-from torchtitan.config.manager import dump_config
+from torchtitan.config.manager import config_to_toml
 from torchtitan.datasets.dataloader import build_dataloader
 from torchtitan.parallelisms.context_parallel import ContextParallel
-from torchtitan.parallelisms.parallel_dims import ParallelDims
+from torchtitan.parallelisms.parallel_dims import ParallelDims, batch_split  # batch_split: also the planner's
 from torchtitan.parallelisms.utils import (
     clip_grad_norm_,
     dist_reduce,
@@ -43,9 +45,10 @@ from torchtitan.parallelisms.utils import (
     set_pg_timeout,
     shutdown_distributed,
 )
+from torchtitan.tools.cli import Interrupted, exit_now
+from torchtitan.tools.launch import LAUNCHER_PID_ENV
 from torchtitan.tools.logging import init_logger, logger
 from torchtitan.tools.memory_check import check_memory_fits
-from torchtitan.tools.provenance import write_provenance
 from torchtitan.tools.profiling import maybe_enable_memory_snapshot, maybe_enable_profiling
 
 
@@ -85,34 +88,31 @@ class PendingFiniteCheck:
 
 
 class StopRequest:
-    """SIGTERM (preemption) or the wall-time limit: finish the step, checkpoint, exit 0."""
+    """SIGTERM (preemption), Ctrl-C or the wall-time limit: finish the step, checkpoint, stop
+    (exit 0; 130 after Ctrl-C). A second Ctrl-C (or Ctrl-C after SIGTERM) exits at once, unsaved."""
 
     def __init__(self, max_seconds: float):
         self.deadline = time.monotonic() + max_seconds if max_seconds > 0 else None
-        self.signalled = False
-        signal.signal(signal.SIGTERM, self._on_sigterm)
+        self.signal: int | None = None
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
 
-    def _on_sigterm(self, signum, frame):
-        self.signalled = True
+    def _on_signal(self, signum, frame):
+        # Recorded first: the next signal's handler can run inside this one, between two bytecodes.
+        earlier, self.signal = self.signal, self.signal or signum
+        if signum == signal.SIGINT and earlier is not None:
+            exit_now("stopped: Ctrl-C again: exiting now, without saving", 130, at_once=True)
+        if signum == signal.SIGINT and not os.environ.get(LAUNCHER_PID_ENV):  # the launcher says it itself
+            # os.write: a signal handler must not take the logging lock the loop may hold.
+            os.write(2, b"Ctrl-C: finishing this step, then saving a checkpoint (when checkpointing is on) "
+                        b"and stopping; Ctrl-C again exits at once, without saving\n")
 
     def requested(self) -> bool:
-        return self.signalled or (self.deadline is not None and time.monotonic() > self.deadline)
+        return self.signal is not None or (self.deadline is not None and time.monotonic() > self.deadline)
 
-
-def batch_split(global_bs: int, local_bs: int, dp: int) -> tuple[int, int]:
-    """(local batch, gradient accumulation steps) from the global and local batch sizes."""
-    if global_bs % dp:
-        raise ValueError(
-            f"training.global_batch_size={global_bs} does not divide by the data-parallel degree {dp}; "
-            f"use a multiple of {dp}"
-        )
-    local_bs = global_bs // dp if local_bs == -1 else local_bs
-    if local_bs <= 0 or global_bs % (local_bs * dp):
-        raise ValueError(
-            f"training.global_batch_size={global_bs} must be a multiple of local_batch_size={local_bs} x "
-            f"data-parallel degree {dp}; gradient accumulation is global / (local x dp)"
-        )
-    return local_bs, global_bs // (local_bs * dp)
+    @property
+    def interrupted(self) -> bool:
+        return self.signal == signal.SIGINT
 
 
 def resolve_batch_split(cfg: JobConfig, dims: ParallelDims, device: torch.device, vocab_size: int) -> tuple[int, int]:
@@ -129,6 +129,7 @@ def build_parallel_dims(p: ParallelismConfig, device_type: str) -> ParallelDims:
     """The degrees of ``[parallelism]`` checked against the world size, and the one mesh."""
     dims = ParallelDims(p.dp_replicate, p.dp_shard, p.cp, p.tp, p.pp, torch.distributed.get_world_size(), ep=p.ep)
     dims.build_mesh(device_type)
+    logger.info(dims.layout_line())
     return dims
 
 
@@ -150,6 +151,7 @@ class Trainer:
         self.parallel_dims = self.build_parallel_dims()
         set_determinism(cfg.training.seed, cfg.training.deterministic)
         self.tokenizer = build_tokenizer(cfg.tokenizer.path, cfg.tokenizer.cache_dir)
+        check_hf_export(cfg.checkpoint.hf_export_folder, cfg.job.dump_folder, self.tokenizer)  # not after training
         self.local_bs, self.accum_steps = self.build_batch_split()
         # Before anything sized by the config is allocated: a run that cannot fit fails now, in one line.
         check_memory_fits(cfg, self.parallel_dims, self.device, self.local_bs, self.accum_steps, self.tokenizer.n_words)
@@ -180,12 +182,15 @@ class Trainer:
         self.lr_scheduler = build_lr_scheduler(cfg.lr_scheduler, self.optimizer, cfg.training.steps)
         self.train_state = TrainState()
         self.checkpointer = self.build_checkpointer()
+        self.validator = self.build_validator()
+        # Every check passed: only now may this start use the folder (a refused one leaves it as it was);
+        # resume or fresh start, and the run's config.toml, provenance.json and run.json are written.
+        self.run_id = accept_start(cfg, self.checkpointer, self.parallel_dims.describe())
         self.metrics = MetricsLogger(
             cfg.metrics, cfg.job.dump_folder, self.device, self.flops_per_token,
             self.parallel_dims.non_data_parallel_size, cfg.training.steps, is_logging_rank=self.rank == 0,
-            run_config=dataclasses.asdict(cfg),
+            run_config=dataclasses.asdict(cfg), run_id=self.run_id,
         )
-        self.validator = self.build_validator()
 
     @property
     def rank(self) -> int:
@@ -222,9 +227,6 @@ class Trainer:
         return [p for part in self.model_parts for p in part.parameters()]
 
     def build_checkpointer(self) -> CheckpointManager:
-        config_path = dump_config(self.cfg, self.cfg.job.dump_folder) if self.rank == 0 else None
-        if self.rank == 0:  # how this run was made (code version, software, layout), beside config.toml
-            write_provenance(self.cfg.job.dump_folder, self.parallel_dims.describe())
         states = {
             "model": ModelState(self.model_parts),
             "optimizer": OptimizerState(self.model_parts, self.optimizer),
@@ -232,9 +234,10 @@ class Trainer:
             "dataloader": BlobState(self.dataloader),
             "train_state": self.train_state,
         }
-        config_toml = config_path.read_text() if config_path else ""
+        config_toml = config_to_toml(self.cfg) if self.rank == 0 else ""  # into every checkpoint (rank 0 publishes)
         if self.cfg.job.print_config and config_toml:
-            logger.info(f"resolved config ({config_path}):\n{config_toml}")
+            logger.info(f"resolved config (written to <dump_folder>/config.toml once the start is accepted):\n"
+                        f"{config_toml}")
         return CheckpointManager(self.cfg.checkpoint, self.cfg.job.dump_folder, states, config_toml,
                                  timeout_s=self.cfg.comm.init_timeout_seconds)
 
@@ -248,6 +251,7 @@ class Trainer:
         self.train_state.step = self.checkpointer.load()
         data_iter = iter(self.dataloader)
         stop = StopRequest(cfg.max_seconds)
+        started = time.monotonic()
         gc.disable()  # collected every gc_freq steps instead, at the same point on every rank
         gc.collect(1)
         logger.info(
@@ -267,7 +271,7 @@ class Trainer:
                 if step % cfg.gc_freq == 0:
                     gc.collect(1)
                 try:
-                    loss, grad_norm, stopping = self.train_step(data_iter, stop.requested())
+                    loss, grad_norm, stopping = self.train_step(data_iter, stop.requested)
                 except torch.OutOfMemoryError:
                     mem_snapshot.dump_on_oom()  # what filled the memory, before the error unwinds
                     raise
@@ -293,15 +297,49 @@ class Trainer:
                 if stopping:
                     logger.info(f"stop requested: stopped cleanly after step {step}")
                     break
+        self.finish(stop, first_step, time.monotonic() - started)
+        return losses
+
+    def finish(self, stop: StopRequest, first_step: int, seconds: float) -> None:
+        """After the loop: the save in flight, the HF export (not on a stop), the run summary; after
+        a Ctrl-C, ``Interrupted`` (train.py exits 130 with its line; 0 for a rank under a launcher)."""
         self.checkpointer.close()  # an async save still in flight finishes before we return
-        if self.cfg.checkpoint.hf_export_folder and self.train_state.step >= cfg.steps:  # not on a stop
+        exported = bool(self.cfg.checkpoint.hf_export_folder) and self.train_state.step >= self.cfg.training.steps
+        if exported:
             self.export_hf(self.cfg.checkpoint.hf_export_folder)
         self.metrics.close()
-        return losses
+        if self.rank == 0:
+            self.log_summary(first_step, seconds, exported)
+        if stop.interrupted:
+            saved = f"; checkpoint step-{self.checkpointer.last_saved_step} saved" if self.checkpointer.enabled else ""
+            raise Interrupted(f"Ctrl-C: stopped cleanly after step {self.train_state.step}{saved}", clean=True)
+
+    def log_summary(self, first_step: int, seconds: float, exported: bool) -> None:
+        """A few lines at the end of the run: what it did, and where everything it wrote is."""
+        cfg, latest, dump = self.cfg, self.metrics.latest(), self.cfg.job.dump_folder
+        steps = self.train_state.step - first_step + 1
+        tokens = steps * cfg.training.global_batch_size * cfg.training.seq_len
+        losses = [f"final loss {latest['loss']:.4f} (step {latest['step']})"] if "loss" in latest else []
+        if "val_loss" in latest:
+            losses.append(f"validation loss {latest['val_loss']:.4f} (step {latest['val_step']})")
+        metrics = os.path.join(dump, "metrics.jsonl")
+        where = [f"metrics {metrics} (plot: python scripts/plot_metrics.py {metrics} -> "
+                 f"{os.path.splitext(metrics)[0]}.png)"]
+        if self.checkpointer.enabled and self.checkpointer.last_saved_step >= 0:
+            where.insert(0, f"checkpoint {self.checkpointer.folder / f'step-{self.checkpointer.last_saved_step}'}")
+        elif not self.checkpointer.enabled:
+            where.insert(0, "no checkpoints (checkpoint.enable is off)")
+        if exported:
+            where.append(f"Hugging Face export {hf_export_path(dump, cfg.checkpoint.hf_export_folder)}")
+        logger.info(f"run summary: {steps} steps ({first_step}-{self.train_state.step} of {cfg.training.steps}) "
+                    f"in {_clock(seconds)}, {tokens:,} tokens; " + ", ".join(losses or ["no loss logged"]))
+        logger.info("run summary: " + "; ".join(where))
 
     def tighten_comm_timeout(self) -> None:
         """comm.init_timeout_seconds covered start-up (rendezvous, checkpoint load, first step);
         from now on collectives time out after comm.train_timeout_seconds."""
+        if self.parallel_dims.world_size == 1:  # no collectives to time out: nothing to set or say
+            return
         seconds = self.cfg.comm.train_timeout_seconds
         if set_pg_timeout(seconds, groups=self.parallel_dims.mesh.get_all_groups()):
             logger.info(f"collective timeout set to {seconds}s after the first step")
@@ -310,7 +348,8 @@ class Trainer:
         """Write the trained model as a Hugging Face folder of its family (collective: every rank calls it, rank 0 writes).
 
         FSDP/TP shards are gathered into full tensors; pipeline stages are gathered to rank 0
-        (only the first rank of each stage sends, the other ranks hold copies).
+        (only the first rank of each stage sends, the other ranks hold copies). A failed export
+        keeps the weights (this step's checkpoint, else <dump>/final_weights) and raises on every rank.
         """
         pp = self.parallel_dims.pp_enabled
         # cpu_offload keeps full tensors on global rank 0 only: with PP each stage needs its own.
@@ -323,15 +362,24 @@ class Trainer:
             parts = [None] * torch.distributed.get_world_size() if self.rank == 0 else None
             torch.distributed.gather_object(sd if sends else {}, parts, dst=0)
             sd = {k: v for part in parts for k, v in part.items()} if self.rank == 0 else {}
+        error = [None]
         if self.rank == 0:
-            path = os.path.join(self.cfg.job.dump_folder, folder)  # an absolute `folder` wins
-            save_hf_checkpoint(sd, self.built.args, path, tokenizer=self.tokenizer)
-            logger.info(f"exported the model in Hugging Face format to {path}")
-        if torch.distributed.get_world_size() > 1:
-            torch.distributed.barrier()
+            path, dump = hf_export_path(self.cfg.job.dump_folder, folder), self.cfg.job.dump_folder
+            saved = self.checkpointer.folder / f"step-{self.train_state.step}"
+            error[0] = export_hf_or_keep_weights(sd, self.built.args, path, self.tokenizer, dump,
+                                                 saved if (saved / ".metadata").is_file() else None)
+            if error[0] is None:
+                logger.info(f"exported the model in Hugging Face format to {path}")
+        if torch.distributed.get_world_size() > 1:  # every rank fails with rank 0's error, none waits
+            torch.distributed.broadcast_object_list(error, src=0, group=self.host_group)
+        if error[0] is not None:
+            raise ValueError(error[0])
 
-    def train_step(self, data_iter, stop_requested: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """One optimizer step over the global batch; also returns whether every rank must stop now."""
+    def train_step(self, data_iter, stop_requested) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """One optimizer step over the global batch; also returns whether every rank must stop now.
+
+        ``stop_requested``: a bool, or a callable read after forward and backward, so a stop
+        signal that arrives during this step stops after it."""
         t0 = time.perf_counter()
         batch = next(data_iter)  # this rank's rows of the global batch: [G/dp, seq_len + 1]
         self.metrics.counters.data_seconds += time.perf_counter() - t0
@@ -339,7 +387,7 @@ class Trainer:
         pp_group = self.parallel_dims.submesh("pp").get_group() if self.parallel_dims.pp_enabled else None
         grad_norm = clip_grad_norm_(self.parameters(), self.cfg.training.max_norm, pp_group=pp_group)
         not_finite = self._not_finite_anywhere(loss_sum, grad_norm)
-        stopping = self._stop_requested_anywhere(stop_requested)
+        stopping = self._stop_requested_anywhere(stop_requested() if callable(stop_requested) else stop_requested)
         self.checkpointer.wait_for_staging()  # an async save may still be copying what step() mutates
         if self.cfg.training.skip_nan_inf and not_finite.item():  # decided now: one host sync per step
             self._skip_update()
@@ -414,3 +462,8 @@ class Trainer:
             if self.run_lock is not None:  # after the last save: the folder is free for the next run
                 self.run_lock.release()
         shutdown_distributed()
+
+
+def _clock(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"

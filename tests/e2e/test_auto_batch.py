@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.runs import assert_losses_match, metrics, read_losses, run, tiny_args, tiny_overrides, torchrun
-from torchtitan.components.auto_batch import GIB
+from torchtitan.components.auto_batch import GIB, host_peak
 from torchtitan.components.model_builder import build_model_args
 from torchtitan.components.tokenizer import build_tokenizer
 from torchtitan.config.manager import ConfigManager
@@ -24,7 +24,9 @@ from torchtitan.planner.memory import memory_for_job
 REPO = Path(__file__).resolve().parents[2]
 OOM_RUNNER = REPO / "tests" / "helpers" / "oom_runner.py"
 STEPS = 4
-GLOBAL = ["--training.global_batch_size", "8"]  # one process: 8 rows per step
+# One process: 8 rows per step. seq_len 256: local batches 2 and 4 differ by ~40 MiB of estimated RAM,
+# far above the run-to-run spread of the resident memory the CPU estimate starts from (~1 MiB).
+GLOBAL = ["--training.global_batch_size", "8", "--training.seq_len", "256"]
 
 
 def args(dump: Path, cache: Path, *extra: str) -> list[str]:
@@ -60,7 +62,7 @@ def explicit(tmp_path_factory, cache_dir) -> dict:
 
 
 def peak(cache: Path, local_bs: int) -> int:
-    """The estimate the trainer's auto choice uses, for the config of ``args``."""
+    """The tensor estimate the trainer's auto choice starts from, for the config of ``args``."""
     cfg = ConfigManager().parse_args(args(Path("unused"), cache))
     p = cfg.parallelism
     dims = ParallelDims(p.dp_replicate, p.dp_shard, p.cp, p.tp, p.pp, 1, ep=p.ep)
@@ -71,11 +73,14 @@ def peak(cache: Path, local_bs: int) -> int:
 
 def test_auto_picks_the_largest_batch_that_fits_with_the_same_losses(tmp_path, cache_dir, explicit):
     margin = 0.1
-    limit = (peak(cache_dir, 2) + peak(cache_dir, 4)) / 2 / (1 - margin)  # 2 fits, 4 does not
+    resident = int(re.search(r"this process's resident (\d+) MiB", explicit["auto_log"]).group(1)) * 2**20
+    # 2 fits, 4 does not: halfway between their CPU peaks (resident + allocator slack x tensors).
+    limit = (host_peak(peak(cache_dir, 2), resident) + host_peak(peak(cache_dir, 4), resident)) / 2 / (1 - margin)
     proc = run(args(tmp_path, cache_dir, "--training.local_batch_size", "0", "--training.memory_limit_gib",
                     f"{limit / GIB:.6f}", "--training.memory_margin", str(margin)))
-    assert re.search(r"auto local batch: 2 \(accumulation 4\): estimated peak [\d.]+ MiB of [\d.]+ MiB "
-                     r"\(limit [\d.]+ MiB, margin 10%\) from training.memory_limit_gib", proc.stderr), proc.stderr
+    assert re.search(r"auto local batch: 2 \(accumulation 4\): estimated peak [\d.]+ GiB of [\d.]+ GiB "
+                     r"\(limit [\d.]+ GiB, margin 10%\) from training.memory_limit_gib; this process's resident",
+                     proc.stderr), proc.stderr
     same_run(tmp_path, explicit[2])
     assert_losses_match(read_losses(tmp_path), read_losses(explicit[8]), rtol=1e-5)  # accumulation reorders sums
 
@@ -91,8 +96,24 @@ def test_auto_when_nothing_fits_is_one_line(tmp_path, cache_dir):
     assert proc.returncode == 1
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert re.search(r"even a local batch of 1 needs an estimated [\d.]+ MiB, over the usable 0.9 MiB \(limit "
+    assert re.search(r"even a local batch of 1 needs an estimated [\d.]+ GiB, over the usable 0.9 MiB \(limit "
                      r"1.0 MiB, margin 10%\) from training.memory_limit_gib; use more GPUs", errors[0]), errors[0]
+
+
+def test_auto_on_cpu_keeps_the_measured_peak_under_the_limit(tmp_path, cache_dir):
+    """The debug model (vocab 4096: fp32 logits dominate), 16 rows of seq 256 and 1 GiB: the limit binds
+    (local 8 alone peaks at ~1.1 GiB measured; here local 2 or 4 is chosen, from the process's resident
+    memory and the tensors), and the peak resident memory of every step (metrics: VmHWM per log window)
+    stays under the limit."""
+    limit_gib = 1.0
+    proc = run(tiny_args(tmp_path, cache_dir, 2, "--model.flavor", "debugmodel", "--training.seq_len", "256",
+                         "--training.global_batch_size", "16", "--training.local_batch_size", "0",
+                         "--training.memory_limit_gib", str(limit_gib)))
+    chosen = re.search(r"auto local batch: (\d+) \(accumulation (\d+)\): estimated peak ([\d.]+) GiB", proc.stderr)
+    assert chosen and int(chosen.group(2)) > 1, proc.stderr[-3000:]  # the limit binds
+    measured = max(r["memory_gib"] for r in metrics(tmp_path).values())
+    print(f"local {chosen.group(1)}: estimated {chosen.group(3)} GiB, measured peak RSS {measured:.2f} GiB")
+    assert measured < limit_gib
 
 
 def test_oom_at_local_4_retries_the_step_at_local_2(tmp_path, cache_dir, explicit):

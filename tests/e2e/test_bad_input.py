@@ -84,8 +84,9 @@ def args_for(dump: Path, cache: Path, *extra: str) -> list[str]:
 
 
 def fresh_args(dump: Path, cache: Path, *extra: str) -> list[str]:
-    """A new run on new data (checkpointing off: a checkpoint of another stream is refused first)."""
-    return tiny_args(dump, cache, 4, *extra)
+    """A new run on new data, in a folder of its own beside ``dump`` (into ``dump`` it would be refused
+    first: the folder holds another run)."""
+    return tiny_args(dump.parent / "fresh", cache, 4, *extra)
 
 
 # ---- one test per mistake ------------------------------------------------------------------------

@@ -7,6 +7,8 @@ attention a wrong RoPE q/k permutation would barely move the logits.
 import dataclasses
 import json
 import os
+import re
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +18,11 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 
+from torchtitan.components.tokenizer import build_tokenizer
+from torchtitan.components.tokenizer_training import ensure_embedded_tokenizer
 from torchtitan.components.weight_conversion import (
+    check_hf_export,
+    copy_tokenizer_files,
     dcp_model_args,
     hf_config_to_args,
     load_dcp_model_state,
@@ -25,6 +31,7 @@ from torchtitan.components.weight_conversion import (
     save_dcp,
     save_hf_checkpoint,
 )
+from torchtitan.inference import generate, load_for_inference
 from torchtitan.models.llama.meta_checkpoint import merge_meta_shards, meta_params_to_args
 from torchtitan.models.llama import RoPEScalingArgs, Transformer, TransformerModelArgs
 from torchtitan.models.llama.hf_mapping import to_hf_config
@@ -245,21 +252,32 @@ def test_export_rejects_wrong_flavor(tmp_path):
         dcp_model_args(tmp_path / "dcp", sd, flavor="debugmodel")  # 16 heads / 8 kv heads: wk differs
 
 
+def test_flat_model_only_checkpoint_is_read(tmp_path):
+    """Model-only saves (seed checkpoint, model_weights_only) hold flat FQNs, no "model." entry."""
+    sd = _sharp_model(_small_args()).state_dict()
+    dcp.save(sd, checkpoint_id=str(tmp_path / "flat"), no_dist=True)
+    _assert_same_tensors(load_dcp_model_state(tmp_path / "flat"), sd)
+
+
 # ----------------------------------------------------------------------------- a real training run
+
+
+def _train(dump: Path, cache_dir: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """A 2-step debugmodel_tiny run of train.py (deterministic: the same args give the same weights)."""
+    cmd = [
+        sys.executable, str(REPO / "train.py"), "--model.flavor", "debugmodel_tiny", "--training.steps", "2",
+        "--training.seq_len", "64", "--training.global_batch_size", "4",
+        "--job.dump_folder", str(dump), "--tokenizer.cache_dir", str(cache_dir), *extra,
+    ]  # fmt: skip
+    env = dict(os.environ if env is None else env, OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, cache_dir) -> Path:
     """A 2-step debugmodel_tiny run with a checkpoint and the end-of-training HF export."""
     dump = tmp_path_factory.mktemp("run")
-    cmd = [
-        sys.executable, str(REPO / "train.py"), "--model.flavor", "debugmodel_tiny", "--training.steps", "2",
-        "--training.seq_len", "64", "--training.global_batch_size", "4", "--checkpoint.enable",
-        "--job.dump_folder", str(dump), "--tokenizer.cache_dir", str(cache_dir),
-        "--checkpoint.hf_export_folder", "hf",
-    ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    proc = _train(dump, cache_dir, "--checkpoint.enable", "--checkpoint.hf_export_folder", "hf")
     assert proc.returncode == 0, proc.stderr[-4000:]
     return dump
 
@@ -317,3 +335,119 @@ def test_imported_hf_weights_start_a_run_through_initial_load_path(trained, tmp_
         assert f"starting from the model weights of {source}" in proc.stderr
         first_losses.append(json.loads((dump / "metrics.jsonl").read_text().splitlines()[0])["loss"])
     assert first_losses[0] == first_losses[1]
+
+
+# ----------------------------------------------------------------------------- nothing lost, nothing hidden
+
+# Loaded as sitecustomize into a training run: safetensors' writes fail as on a full disk, after
+# the start-up check (which only imports the package) has passed.
+_FULL_DISK_SAFETENSORS = """
+import errno, os
+import safetensors.torch
+
+def _full_disk(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+safetensors.torch.save_file = _full_disk
+"""
+
+
+def _error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    return [line for line in proc.stderr.splitlines() if "error:" in line]
+
+
+def test_failed_export_keeps_the_final_weights(trained, tmp_path, cache_dir):
+    """Checkpointing off and the export failing at the end: one error line says where the final
+    weights are (the trained ones) and gives the command that exports them later, which works."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(_FULL_DISK_SAFETENSORS)
+    dump = tmp_path / "run"
+    proc = _train(dump, cache_dir, "--checkpoint.hf_export_folder", "hf",
+                  env=dict(os.environ, PYTHONPATH=str(tmp_path / "site")))
+    assert proc.returncode == 1
+    errors = _error_lines(proc)
+    assert len(errors) == 1 and "No space left on device" in errors[0], proc.stderr[-4000:]
+    assert f"the final weights are safe in {dump / 'final_weights'}" in errors[0]
+    command = re.search(r"^\s*python scripts/convert_dcp_to_hf\.py (\S+) (\S+)$", proc.stderr, re.M).groups()
+    assert command == (str(dump / "final_weights"), str(dump / "hf"))
+    # The same run with checkpointing on saved the same weights (training is deterministic on CPU).
+    _assert_same_tensors(load_dcp_model_state(dump / "final_weights"),
+                         load_dcp_model_state(trained / "checkpoint" / "step-2"))
+    _script("convert_dcp_to_hf").main(list(command))
+    _assert_same_tensors(load_file(dump / "hf" / "model.safetensors"), load_file(trained / "hf" / "model.safetensors"))
+    assert (dump / "hf" / "tokenizer.json").read_text() == (trained / "hf" / "tokenizer.json").read_text()
+
+
+def test_unwritable_export_folder_is_refused_before_training(tmp_path, cache_dir):
+    blocker = tmp_path / "a_file"  # a path through a regular file: unwritable for root too
+    blocker.write_text("")
+    proc = _train(tmp_path / "run", cache_dir, "--checkpoint.hf_export_folder", str(blocker / "hf"))
+    assert proc.returncode == 1
+    errors = _error_lines(proc)
+    assert len(errors) == 1 and f"checkpoint.hf_export_folder='{blocker / 'hf'}' is not a writable folder" in errors[0]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before the first step
+
+
+def test_missing_safetensors_is_one_line(tmp_path, monkeypatch, capsys):
+    args = _small_args()
+    save_dcp(_sharp_model(args).state_dict(), args, tmp_path / "dcp")
+    monkeypatch.setitem(sys.modules, "safetensors", None)  # as if not installed
+    with pytest.raises(ValueError, match=r"hf_export_folder='hf' .* needs the safetensors package.*pip install"):
+        check_hf_export("hf", str(tmp_path), tokenizer=None)
+    with pytest.raises(SystemExit):
+        _script("convert_dcp_to_hf").main([str(tmp_path / "dcp"), str(tmp_path / "hf")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "convert_dcp_to_hf.py needs the safetensors package" in err[0], err
+    assert not (tmp_path / "hf").exists()
+
+
+def test_written_files_get_the_mode_open_gives(tmp_path, cache_dir):
+    """0644 files and 0755 folders under umask 022 (safetensors alone writes 0600)."""
+    args = _small_args(vocab_size=4096)  # the embedded tokenizer's size
+    old = os.umask(0o022)
+    try:
+        save_hf_checkpoint(_sharp_model(args).state_dict(), args, tmp_path / "hf", max_shard_bytes=2**21,
+                           tokenizer=build_tokenizer("", str(cache_dir)))
+        _script("convert_hf_to_dcp").main([str(tmp_path / "hf"), str(tmp_path / "dcp")])
+    finally:
+        os.umask(old)
+    paths = [p for p in tmp_path.rglob("*")]
+    assert {p.name for p in paths} >= {"model.safetensors.index.json", "tokenizer.json", "tokenizer", ".metadata"}
+    modes = {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode)) for p in paths}
+    assert modes == {k: "0o755" if (tmp_path / k).is_dir() else "0o644" for k in modes}
+
+
+def test_trainer_export_files_get_the_mode_open_gives(trained):
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (trained / "hf").iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o666 & ~umask}, modes
+
+
+def test_hf_to_dcp_carries_the_tokenizer_to_generate(trained, tmp_path):
+    """HF export -> DCP -> generate, no --tokenizer: the carried tokenizer encodes as the run's, and
+    the greedy tokens equal those of the training checkpoint; converted back, it is exported again."""
+    _script("convert_hf_to_dcp").main([str(trained / "hf"), str(tmp_path / "dcp")])
+    carried = sorted(p.name for p in (tmp_path / "dcp" / "tokenizer").iterdir())
+    assert carried == ["config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
+    converted = load_for_inference(None, tmp_path / "dcp")
+    original = load_for_inference(None, trained / "checkpoint" / "step-2")  # the run's config.toml
+    text = "def fibonacci(n):\n    return n"
+    prompt = original.tokenizer.encode(text, bos=True, eos=False)
+    assert converted.tokenizer.encode(text, bos=True, eos=False) == prompt
+    assert converted.tokenizer.eos_id == original.tokenizer.eos_id
+    assert generate(converted, [prompt], 8) == generate(original, [prompt], 8)
+    _script("convert_dcp_to_hf").main([str(tmp_path / "dcp"), str(tmp_path / "hf")])
+    assert build_tokenizer(str(tmp_path / "hf")).encode(text, bos=True, eos=False) == prompt
+
+
+def test_meta_conversion_carries_tokenizer_model(tmp_path, cache_dir):
+    """A Meta folder's tokenizer.model (tiktoken format) goes along into the DCP's tokenizer/."""
+    model = _sharp_model(_small_args())
+    _write_meta_checkpoint(tmp_path / "meta", model, n_shards=1)
+    embedded = ensure_embedded_tokenizer(str(cache_dir)).read_bytes()  # the tiktoken format, as Meta's
+    (tmp_path / "meta" / "tokenizer.model").write_bytes(embedded)
+    _script("convert_llama_to_dcp").main([str(tmp_path / "meta"), str(tmp_path / "dcp")])
+    assert (tmp_path / "dcp" / "tokenizer" / "tokenizer.model").read_bytes() == embedded
+    assert copy_tokenizer_files(tmp_path / "dcp", tmp_path / "none") is None  # a DCP root has none of its own

@@ -4,12 +4,15 @@ skipped or repeated), a bounded number of times, then fails clearly."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from torchtitan.datasets import hub_access
 from torchtitan.datasets.sources import HFSource
 
 REPO = Path(__file__).resolve().parents[2]
@@ -55,6 +58,7 @@ def local_hub(tmp_path, monkeypatch):
         return real("json", data_files=str(path), split="train", streaming=True)
 
     monkeypatch.setattr(datasets, "load_dataset", load)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no hub reachability probe: the local hub needs no network
     return load
 
 
@@ -90,3 +94,59 @@ def test_an_unreachable_hub_dataset_is_one_line_with_the_fix(tmp_path):
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1, proc.stderr[-3000:]
     assert "no-such-user/no-such-dataset" in errors[0] and "local copy" in errors[0] and "HF_HUB_OFFLINE" in errors[0]
+
+
+# ---- an unreachable hub: one line at once, not the hub client's ~25 s of retries ----------------
+
+
+@pytest.fixture
+def online(monkeypatch):
+    """Offline mode off, and ``load_dataset`` recording whether it was reached."""
+    import datasets
+    import datasets.config
+
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    calls = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append(a))
+    return calls
+
+
+def test_an_unresolvable_hub_fails_at_once_without_opening_the_dataset(online, monkeypatch):
+    import datasets.config
+
+    # .invalid never resolves (RFC 2606): no request leaves for a real host.
+    monkeypatch.setattr(datasets.config, "HF_ENDPOINT", "https://hub.no-such-host.invalid")
+    start = time.perf_counter()
+    with pytest.raises(ValueError) as err:
+        HFSource("allenai/c4", "en")
+    assert time.perf_counter() - start < hub_access.LOOKUP_SECONDS + hub_access.CONNECT_SECONDS + 1
+    message = str(err.value)
+    assert "'allenai/c4:en': the hub is unreachable (cannot resolve hub.no-such-host.invalid" in message
+    assert "local copy" in message and "HF_HUB_OFFLINE=1" in message and "\n" not in message
+    assert online == []  # never handed to the hub client and its retries
+
+
+def test_a_closed_port_is_unreachable_and_a_listening_one_is_not():
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        assert hub_access.unreachable_reason(f"http://127.0.0.1:{port}") is None
+    assert f"cannot connect to 127.0.0.1:{port}" in hub_access.unreachable_reason(f"http://127.0.0.1:{port}")
+
+
+def test_offline_mode_skips_the_probe_and_names_the_cache(monkeypatch):
+    import datasets
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub_access, "unreachable_reason", lambda endpoint: pytest.fail("probed while offline"))
+
+    def not_cached(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'org/x' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(datasets, "load_dataset", not_cached)
+    with pytest.raises(ValueError, match=r"'org/x' \(split 'train'\) is not in the Hugging Face cache and "
+                                         r"HF_HUB_OFFLINE=1 forbids downloading it"):
+        HFSource("org/x")

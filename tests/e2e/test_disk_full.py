@@ -83,7 +83,7 @@ def test_enospc_mid_save_removes_the_partial_save_and_keeps_the_previous(manager
     with full_disk(20_000, only="step-2.tmp"), pytest.raises(CheckpointWriteError) as err:
         save_and_wait(manager, 2)
     message = str(err.value)
-    assert "\n" not in message and message.startswith(f"saving checkpoint step-2 to {folder / 'step-2.tmp'} failed: "
+    assert message.startswith(f"saving checkpoint step-2 to {folder / 'step-2.tmp'} failed: "
                                                        f"no space left on the device (it needs about ")
     needed = size_in(message, "needs about ")
     assert abs(needed - folder_size(folder / "step-1")) < 0.1 * needed  # the state's bytes ~ a checkpoint's
@@ -119,7 +119,7 @@ def test_an_io_error_is_reported_as_such(manager, tmp_path, monkeypatch):
         return original(self, path, mode)
 
     monkeypatch.setattr(FileSystem, "create_stream", failing)
-    with pytest.raises(CheckpointWriteError, match=r"failed with an I/O error \(.*Input/output error"):
+    with pytest.raises(CheckpointWriteError, match=r"(?s)failed with an I/O error \(.*Input/output error"):
         save_and_wait(manager, 2)
     assert manager.complete_steps() == [1] and not (tmp_path / "checkpoint" / "step-2.tmp").exists()
 
@@ -195,9 +195,17 @@ def run_train(args: list[str], hooks: list[str] = ()) -> subprocess.CompletedPro
 
 def assert_one_line_full_disk_error(proc: subprocess.CompletedProcess, folder: Path) -> str:
     assert proc.returncode == 1, proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    lines = proc.stderr.splitlines()
+    errors = [i for i, line in enumerate(lines) if "error:" in line]
     assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    line = errors[0]
+    # A long message keeps a short error: line and continues indented below it (tools/cli.py).
+    block = [lines[errors[0]]]
+    for line in lines[errors[0] + 1:]:
+        if not line.startswith("  "):
+            break
+        block.append(line.strip())
+    assert block[0].endswith("free there)"), block  # the problem alone on the first line
+    line = " ".join(block)
     assert line.startswith(f"error: CheckpointWriteError: saving checkpoint step-4 to {folder / 'step-4.tmp'} "
                            f"failed: no space left on the device (it needs about "), line
     assert "The partial step-4.tmp was removed; the previous checkpoint step-2 is intact" in line

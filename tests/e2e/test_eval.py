@@ -236,7 +236,8 @@ def test_cli_bad_input_is_one_error_line(runs, tmp_path, capsys, monkeypatch, ca
     argv = {
         "unknown_task": ["--checkpoint", str(runs["llama3"] / "checkpoint"), "--tasks", "tiny_mcq",
                          "--include_path", str(TASKS)],
-        "missing_checkpoint": ["--checkpoint", str(tmp_path / "nowhere"), "--tasks", "tiny_mc"],
+        "missing_checkpoint": ["--checkpoint", str(tmp_path / "nowhere"), "--tasks", "tiny_mc",
+                               "--include_path", str(TASKS)],
         "bad_include_path": ["--checkpoint", str(runs["llama3"] / "checkpoint"), "--tasks", "tiny_mc",
                              "--include_path", str(tmp_path / "no_tasks")],
     }[case]  # fmt: skip

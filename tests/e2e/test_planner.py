@@ -25,14 +25,16 @@ def _plan(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_readme_command_prints_a_ranked_table():
-    proc = _plan("--model.flavor", "8B", "--gpus", "8", "--gpu", "h100", "--seq_len", "8192",
-                 "--global_batch_tokens", "1M")
+    proc = _plan("--config", str(REPO / "train_configs" / "llama3_8b.toml"), "--gpus", "8", "--gpu", "h100",
+                 "--seq_len", "8192", "--global_batch_tokens", "1M")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = re.findall(r"^\s+(\d+) (\S.*?)\s+(\d+) x (\d+)\s+([\d.]+)", proc.stdout, re.M)
     assert len(rows) == 10, proc.stdout
     for _, _, local, accum, _ in rows:  # 128 sequences of 8192 tokens on dp ranks: local x accum x dp
         assert 128 % (int(local) * int(accum)) == 0
-    assert "does not fit" not in proc.stdout.splitlines()[3]  # the first row fits
+    lines = proc.stdout.splitlines()
+    assert "vocab 128256;" in lines[0] and lines[1].startswith("vocab 128256: llama3 8B's default (tokenizer.path")
+    assert "does not fit" not in lines[4]  # the first row fits
     assert re.search(r"^#1 \(.+\) beats #2 \(.+\) by [\d.]+% tokens/s: #2 spends", proc.stdout, re.M), proc.stdout
     assert "layouts fit" in proc.stdout
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers.runs import tiny_overrides, torchrun
+from tests.helpers.runs import run, tiny_args, tiny_overrides, torchrun
 from torchtitan.config.job_config import Profiling
 from torchtitan.tools.profiling import maybe_enable_memory_snapshot, maybe_enable_profiling, profile_schedule
 
@@ -36,8 +36,21 @@ def test_in_process_schedule_and_resume_offset(tmp_path):
             prof.step()
     traces = tmp_path / "profile_traces"
     assert sorted(p.name for p in traces.iterdir()) == ["iteration_6", "iteration_9"]
-    names = {e.get("name") for e in _trace_events(traces / "iteration_9" / "rank0_trace.json")}
-    assert "aten::mm" in names
+    for step in (6, 9):  # the folder, and the profiler's step label inside, are the training step
+        names = {e.get("name") for e in _trace_events(traces / f"iteration_{step}" / "rank0_trace.json")}
+        assert "aten::mm" in names
+        assert {n for n in names if str(n).startswith("ProfilerStep#")} == {f"ProfilerStep#{step}"}
+
+
+def test_every_step_from_the_first_with_profile_freq_1(tmp_path):
+    with maybe_enable_profiling(Profiling(enable_profiling=True, profile_freq=1), str(tmp_path)) as prof:
+        for _ in range(2):  # steps 1, 2
+            torch.randn(8, 8) @ torch.randn(8, 8)
+            prof.step()
+    traces = tmp_path / "profile_traces"
+    assert sorted(p.name for p in traces.iterdir()) == ["iteration_1", "iteration_2"]
+    names = {e.get("name") for e in _trace_events(traces / "iteration_1" / "rank0_trace.json")}
+    assert "ProfilerStep#1" in names
 
 
 def test_disabled_profiling_and_cpu_memory_snapshot_are_no_ops(tmp_path):
@@ -64,6 +77,17 @@ def test_two_rank_run_writes_a_trace_per_rank_per_period(tmp_path, cache_dir):
     log = proc.stdout + proc.stderr
     assert "profiling.enable_memory_snapshot is ignored" in log
     assert not (tmp_path / "memory_snapshot").exists()
+
+
+def test_a_profiled_single_process_run_prints_no_noise(tmp_path, cache_dir):
+    """No kineto USDT lines, no profiler warnings, no collective timeout without collectives."""
+    proc = run(tiny_args(tmp_path, cache_dir, 3, "--profiling.enable_profiling", "--profiling.profile_freq", "3"))
+    log = proc.stdout + proc.stderr
+    for noise in ("USDT", "Warning", "collective timeout"):
+        assert noise not in log, log[-3000:]
+    assert "profiler trace of step 3 written to" in log
+    names = {e.get("name") for e in _trace_events(tmp_path / "profile_traces" / "iteration_3" / "rank0_trace.json")}
+    assert "ProfilerStep#3" in names
 
 
 @pytest.mark.gpu

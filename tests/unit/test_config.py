@@ -268,3 +268,16 @@ def test_readme_reference_lists_every_option():
     assert module.reference() in (repo / "README.md").read_text(), (
         "README.md's config reference is stale: run python scripts/config_reference.py --readme"
     )
+
+
+def test_a_feature_whose_package_is_missing_is_refused_at_start(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    manager = ConfigManager()
+    cfg = manager.parse_args(["--metrics.enable_wandb"])
+    with pytest.raises(ValueError, match=r"^metrics.enable_wandb needs the package 'wandb', which is not installed: "
+                                         r"pip install wandb .*from the command line"):
+        manager.check_paths(cfg)
+    manager.check_paths(manager.parse_args([]))  # off: not needed

@@ -7,6 +7,7 @@ files written to tmp_path, and a fake in place of the Hugging Face hub.
 from collections import Counter
 import functools
 import json
+import logging
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -309,6 +310,7 @@ def fake_hub(monkeypatch):
         return datasets.IterableDataset.from_generator(records, gen_kwargs={"n": 5})
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no hub reachability probe: the fake hub needs no network
     return calls
 
 
@@ -336,3 +338,70 @@ def test_hub_source_loops_and_resumes_exactly(fake_hub):
     fresh = HFSource("allenai/c4", "en")
     fresh.load_state_dict(state)
     assert take(iter(fresh), 6) == reference
+
+
+# (h) bytes that are not UTF-8, and tiny datasets' epochs ----------------------------
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def data_log():
+    """The data modules' log records, caught on their own logger: the project's logger does not
+    propagate to the root (where caplog listens) once a run in this process has set it up."""
+    log, handler = logging.getLogger("torchtitan.datasets"), _Records()
+    log.addHandler(handler)
+    previous = log.level
+    log.setLevel(logging.INFO)  # setLevel, not .level =: it clears the loggers' cached levels
+    yield handler.records
+    log.removeHandler(handler)
+    log.setLevel(previous)
+
+
+LATIN1 = "café, déjà vu, naïve façade\n" * 5  # 5 characters outside ASCII per line: 25 bytes in Latin-1
+
+
+def test_latin1_text_is_counted_in_one_warning_or_refused(tmp_path, data_log):
+    path = tmp_path / "latin.txt"
+    path.write_bytes(LATIN1.encode("latin-1"))
+    documents = take(iter(build_source(Data(datasets=[str(path)]))), 3)  # three epochs of one document
+    assert documents[0] == LATIN1.encode("latin-1").decode("utf-8", errors="replace")
+    assert documents[0].count("\ufffd") == 25
+    warnings = [r.getMessage() for r in data_log if r.levelname == "WARNING"]
+    assert len(warnings) == 1, warnings
+    assert f"{path} has 25 bytes not UTF-8 (replaced with U+FFFD" in warnings[0]
+    assert 'data.decode_errors = "strict"' in warnings[0]
+    with pytest.raises(ValueError) as error:
+        next(iter(build_source(Data(datasets=[str(path)], decode_errors="strict"))))
+    message = str(error.value)
+    assert "\n" not in message and "latin.txt is not UTF-8 (byte 0xe9 at offset 3)" in message
+
+
+def test_a_folder_of_bad_files_gets_one_total_per_epoch(tmp_path, data_log):
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_bytes(LATIN1.encode("latin-1"))
+    (tmp_path / "c.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "gar\xe7on"}\n')
+    (tmp_path / "d.txt").write_text("all UTF-8: café\n")
+    source = build_source(Data(datasets=[str(tmp_path)], val_fraction=0.0))
+    documents = take(iter(source), 10)  # two epochs of 5 documents
+    assert documents[3] == "gar\ufffdon" and documents[4] == "all UTF-8: café\n"
+    warnings = [r.getMessage() for r in data_log if r.levelname == "WARNING"]
+    assert len(warnings) == 2, warnings  # the first file when read, the epoch's total once
+    assert "a.txt has 25 bytes" in warnings[0]
+    assert "3 files / 51 bytes not UTF-8 in epoch 0" in warnings[1]
+    with pytest.raises(ValueError, match=r"c.jsonl line 2 is not UTF-8 \(byte 0xe7 at offset 13\)"):
+        take(iter(FileListSource([tmp_path / "c.jsonl"], decoder=sources.Decoder("c", "strict"))), 2)
+
+
+def test_a_tiny_dataset_logs_its_rollover_once(tmp_path, data_log):
+    tiny = write_jsonl(tmp_path / "tiny.jsonl", ["a short document of forty bytes or so..."] * 2)
+    take(loader(Data(datasets=[str(tiny)])), 3)  # 3 x 4 windows of 65 tokens: about 6 epochs per batch
+    epochs = [r.getMessage() for r in data_log if "epoch" in r.getMessage()]
+    assert epochs == [f"dataset {str(tiny)!r}: epoch 0 done after 2 documents, looping (logged once)"]

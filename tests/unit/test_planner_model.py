@@ -11,7 +11,7 @@ from torchtitan.models.registry import get_spec
 from torchtitan.planner import hardware, search
 from torchtitan.planner.layout import Layout, ModelShape, stage_layers
 from torchtitan.planner.memory import peak_memory
-from torchtitan.planner.step_time import Topology, busiest
+from torchtitan.planner.step_time import StepTime, Topology, busiest
 
 sys.path.insert(0, str(REPO / "scripts"))
 import plan as plan_script  # noqa: E402
@@ -93,7 +93,7 @@ def test_plan_keeps_the_global_batch_and_ranks_fitting_layouts_first():
     assert fits == sorted(fits, reverse=True)
     speeds = [c.tokens_per_s for c in cands if c.fits]
     assert speeds == sorted(speeds, reverse=True)
-    assert "beats" in search.explain(cands[0], cands[1])
+    assert "beats" in search.explain(cands[0], cands[1], 8)
 
 
 def test_moe_plans_expert_parallel_where_it_helps():
@@ -135,3 +135,34 @@ def test_global_batch_tokens_suffixes():
     assert plan_script.parse_tokens("1M") == 1024**2
     assert plan_script.parse_tokens("512K") == 512 * 1024
     assert plan_script.parse_tokens("4096") == 4096
+
+
+def _candidate(layout: Layout, **seconds: float) -> search.Candidate:
+    time = StepTime(**{"compute": 1.0, **seconds})
+    return search.Candidate(layout, None, time, True, 1 / time.total, None)
+
+
+def test_explanation_uses_the_tables_words():
+    fsdp8 = _candidate(Layout(dp_shard=8))
+    hsdp = _candidate(Layout(dp_replicate=2, dp_shard=4), dp=0.1)
+    assert "replica all-reduce inside the node" in search.explain(fsdp8, hsdp, gpus_per_node=8)
+    assert "replica all-reduce across nodes" in search.explain(fsdp8, hsdp, gpus_per_node=4)
+    for option, words in (("op", "AC op"), ("2", "AC selective 2")):
+        checkpointed = _candidate(Layout(dp_shard=8, ac="selective", ac_option=option), compute=1.2)
+        line = search.explain(fsdp8, checkpointed, gpus_per_node=8)
+        assert f"({checkpointed.layout.describe()})" in line and checkpointed.layout.describe() == f"fsdp8 | {words}"
+        assert f"recomputation under {words})" in line
+
+
+def test_plan_of_the_debug_config_on_cpu(capsys):
+    """The run's vocabulary (the embedded tokenizer's 4096, not the flavor's 2048); no MFU against the
+    nominal CPU row's placeholder peak (it printed "0 TFLOPs" beside "MFU 54.9%")."""
+    plan_script.run(["--config", str(REPO / "train_configs" / "debug_model.toml"), "--gpu", "cpu", "--top", "3"])
+    out = capsys.readouterr().out
+    header, note = out.splitlines()[:2]
+    assert "vocab 4096;" in header and note.startswith("vocab 4096: the embedded tokenizer's")
+    assert "TFLOPs" not in header and "peak n/a: uncalibrated" in header
+    rows = [line for line in out.splitlines() if line.startswith("  ")]
+    assert len(rows) == 4 and all(row.endswith("n/a") for row in rows[1:]) and "%" not in "".join(rows)
+    measured = replace(hardware.GPUS["cpu"], peak_known=True, peak_tflops=0.08)
+    assert measured.describe_peak() == "80.0 GFLOP/s fp32" and H100.describe_peak() == "989 TFLOPs bf16"

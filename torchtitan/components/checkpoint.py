@@ -480,20 +480,13 @@ class CheckpointManager:
         try:
             return SafeFileSystemReader(str(path)).read_metadata()
         except _ERRORS as e:
-            raise ValueError(
-                f"could not read {path / '.metadata'}: {type(e).__name__}: {first_line(e)}; the checkpoint "
-                f"is corrupted: choose another with checkpoint.load_step or move this one away"
-            ) from e
+            raise _load_error(path, _load_cause(e, "its .metadata"), e) from e
 
     def _dcp_load(self, path: Path, state: dict) -> None:
         try:
             dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner())
         except _ERRORS as e:  # DCP's errors are deep and long; say which checkpoint and why
-            raise ValueError(
-                f"could not load checkpoint {path}: {type(e).__name__}: {first_line(e)}. "
-                f"If the model or optimizer config changed since it was saved, restore it; if a file is "
-                f"truncated or missing, choose another checkpoint with checkpoint.load_step or move this one away."
-            ) from e
+            raise _load_error(path, _load_cause(e), e) from e
 
     def _clean_unfinished_saves(self) -> None:
         """At start-up, before any save (the run lock keeps other runs out), rank 0 removes the ``.tmp``
@@ -511,8 +504,37 @@ class CheckpointManager:
                     shutil.rmtree(tmp, ignore_errors=True)
         _barrier()  # every rank then lists the same complete checkpoints
 
-    def _resolve_load_path(self) -> Path | None:
-        complete = self.complete_steps()
+    def preflight(self) -> tuple[Path | None, str | None]:
+        """Before anything is written (components/run_folder.py): (the checkpoint ``load`` will resume
+        from, or None for a fresh start; why the folder's checkpoint does not fit this model, or None).
+
+        Collective (every rank calls it). With checkpoint.enable off the newest checkpoint is checked
+        too: a folder's checkpoints belong to its run. A save that finished before its rename counts,
+        as ``load`` publishes it."""
+        path = self._resolve_load_path(warn=False) if self.enabled else None  # load() warns
+        if path is None:
+            steps = self.complete_steps(warn=False)
+            finished = [] if not self.folder.is_dir() else sorted(
+                (p for p in self.folder.iterdir() if _TMP_DIR.match(p.name) and (p / ".metadata").is_file()),
+                key=lambda p: int(_TMP_DIR.match(p.name).group(1)))
+            path = self.folder / f"step-{steps[-1]}" if steps else (finished[-1] if finished else None)
+        if path is None:
+            return None, None
+        try:
+            metadata = self._read_metadata(path)
+        except ValueError:
+            if self.enabled:  # the run would load it: its error now, before anything is written
+                raise
+            return None, None  # not loaded: whether it is this run's, the folder's config tells
+        nested = any(k.startswith("model.") for k in metadata.state_dict_metadata)
+        try:
+            _check_model_matches(path, metadata, self.states["model"].state_dict(), "model." if nested else "")
+        except ValueError as e:
+            return None, str(e)
+        return (path if self.enabled else None), None
+
+    def _resolve_load_path(self, warn: bool = True) -> Path | None:
+        complete = self.complete_steps(warn)
         if self.cfg.load_step >= 0:
             path = self.folder / f"step-{self.cfg.load_step}"
             if self.cfg.load_step not in complete:
@@ -555,6 +577,29 @@ def _validate(cfg: CheckpointConfig, states: dict[str, Stateful]) -> None:
             f"checkpoint.create_seed_checkpoint runs on 1 process (world size is {dist.get_world_size()}): "
             f"create the seed with `python train.py ... --checkpoint.create_seed_checkpoint`, then start any layout"
         )
+
+
+def _load_cause(e: BaseException, what: str = "a file") -> str:
+    """A few words for the first line of a load error: what happened to ``what``, if we can tell."""
+    inner = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) and e.failures else e
+    for kind, words in ((EOFError, "is truncated"), (FileNotFoundError, "is missing"),
+                        (pickle.UnpicklingError, "holds an unsafe or corrupted pickle (refused)")):
+        if isinstance(inner, kind):
+            return f"{what} {words}"
+    return f"{what} is corrupted ({type(inner).__name__})"
+
+
+def _load_error(path: Path, cause: str, e: BaseException) -> ValueError:
+    """A short first line (which checkpoint, what happened, the fix), then the detail: DCP's message
+    (one rank's exception, often hundreds of characters) and the folder's files with their sizes."""
+    files = ", ".join(f"{f.name} ({f.stat().st_size:,} B)" for f in sorted(path.iterdir()) if f.is_file()) \
+        if path.is_dir() else "none"
+    return ValueError(
+        f"could not load checkpoint {path}: {cause}; load another (checkpoint.load_step) or move it away\n"
+        f"cause: {type(e).__name__}: {first_line(e)}\n"
+        f"files: {files}\n"
+        "if the model or optimizer config changed since the save, restore that config instead"
+    )
 
 
 def _is_full(metadata: Metadata) -> bool:

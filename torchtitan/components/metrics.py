@@ -7,7 +7,8 @@ model (6 x non-embedding params + 12 x layers x heads x head_dim x seq_len).
 Validation results (``val_loss``, ``val_perplexity``, ``val_loss/<name>``; components/validation.py)
 join the record of their step when it is a log step, else they are a record of their own
 (``step`` and the ``val_*`` keys only). Their time is left out of the training window, so
-``tps`` and ``step_time_s`` describe training alone.
+``tps`` and ``step_time_s`` describe training alone. Every JSON record carries the ``run_id`` of the
+run that wrote it (components/run_folder.py): runs that share a folder never mix in a plot.
 """
 
 import json
@@ -124,7 +125,9 @@ class WandbWriter:
         if mode == "auto":
             mode = os.environ.get("WANDB_MODE") or "online"
         self.run, mode = self._start(mode, fallback=cfg.wandb_mode == "auto")
-        logger.info(f"W&B run {self.run.name!r} ({mode}) in {self.run.dir}")
+        # An offline run has no name until it is synced: its id is what `wandb sync` and the folder show.
+        logger.info(f"W&B run {self.run.name or self.run.id} ({mode}) in {self.run.dir}"
+                    + (": upload it with `wandb sync`" if mode == "offline" else ""))
 
     def _start(self, mode: str, fallback: bool):
         settings = self.wandb.Settings(init_timeout=self._INIT_TIMEOUT_S)
@@ -161,8 +164,9 @@ class StepCounters:
 class MetricsLogger:
     def __init__(self, cfg: MetricsConfig, dump_folder: str, device: torch.device, flops_per_token: float,
                  non_data_parallel_size: int, total_steps: int, is_logging_rank: bool,
-                 run_config: dict | None = None):
+                 run_config: dict | None = None, run_id: str = ""):
         self.cfg = cfg
+        self.run_id = run_id  # in every JSON record: runs that share a metrics.jsonl stay apart
         self.flops_per_token = flops_per_token
         self.non_dp = non_data_parallel_size
         self.total_steps = total_steps
@@ -175,6 +179,7 @@ class MetricsLogger:
         self.tb = None
         self.wandb = None
         self.pending_validation: dict = {}  # this step's validation values, for the record log() writes
+        self._latest: dict = {}  # the last loss and validation loss logged, for the end-of-run summary
         if is_logging_rank:
             os.makedirs(dump_folder, exist_ok=True)
             self.jsonl = open(os.path.join(dump_folder, "metrics.jsonl"), "a")
@@ -210,6 +215,7 @@ class MetricsLogger:
         }
         record["eta_s"] = record["step_time_s"] * (self.total_steps - step)
         self.pending_validation = {}
+        self._latest.update(loss=loss, step=step)
         if self.is_logging_rank:
             self._emit(record)
         self.counters = StepCounters()
@@ -222,29 +228,23 @@ class MetricsLogger:
         ``log()`` when ``merge`` (a log step), else written now as a record of its own. Either way
         its time (``val_seconds``) is taken out of the training window."""
         self.window_start += values.get("val_seconds", 0.0)
+        if "val_loss" in values:
+            self._latest.update(val_loss=values["val_loss"], val_step=step)
         if merge:
             self.pending_validation = dict(values)
         elif self.is_logging_rank:
             self._emit({"step": step, **values})
 
+    def latest(self) -> dict:
+        """The last window's loss (``loss``, ``step``) and the last validation loss (``val_loss``,
+        ``val_step``); a key is absent until its first record."""
+        return dict(self._latest)
+
     def _emit(self, r: dict) -> None:
-        if "loss" in r:
-            mfu = f"{r['mfu']:.2f}%" if r["mfu"] is not None else "n/a"
-            logger.info(
-                f"step {r['step']:>6}  loss {r['loss']:8.4f}  ppl {r['perplexity']:9.2f}  grad_norm "
-                f"{r['grad_norm']:7.3f}  lr {r['lr']:.2e}  tps {r['tps']:,.0f}  mfu {mfu}  "
-                f"mem {r['memory_gib']:.2f}GiB  data {r['data_loading_pct']:.1f}%  eta {_fmt_seconds(r['eta_s'])}"
-                + (f"  skipped {r['skipped_steps']}" if r.get("skipped_steps") else "")
-                + (f"  moe_imbalance {r['moe_load_imbalance']:.2f}" if "moe_load_imbalance" in r else "")
-            )
-        if "val_loss" in r:
-            per_source = "".join(f"  {k[len('val_loss/'):]} {v:.4f}" for k, v in r.items()
-                                 if k.startswith("val_loss/"))
-            logger.info(
-                f"step {r['step']:>6}  val_loss {r['val_loss']:8.4f}  val_ppl {r['val_perplexity']:9.2f}"
-                f"{per_source}  ({r['val_tokens']:,} tokens in {r['val_seconds']:.2f}s)"
-            )
-        self.jsonl.write(json.dumps(r) + "\n")
+        for line in console_lines(r):
+            logger.info(line)
+        keyed = {"step": r["step"], "run_id": self.run_id, **r} if self.run_id else r
+        self.jsonl.write(json.dumps(keyed) + "\n")
         self.jsonl.flush()
         if self.tb is not None:
             for k, v in r.items():
@@ -263,6 +263,23 @@ class MetricsLogger:
             self.wandb = None  # close() may run twice (error path)
 
 
-def _fmt_seconds(s: float) -> str:
-    s = int(s)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+def console_lines(r: dict) -> list[str]:
+    """A record's console lines (training, validation): each name is the record's JSON key, each value
+    in that key's unit, so a number read on the console is found in metrics.jsonl under the same name."""
+    lines = []
+    if "loss" in r:
+        mfu = f"{r['mfu']:.2f}" if r["mfu"] is not None else "n/a"
+        lines.append(
+            f"step {r['step']:>6}  loss {r['loss']:8.4f}  perplexity {r['perplexity']:9.2f}  grad_norm "
+            f"{r['grad_norm']:7.3f}  lr {r['lr']:.2e}  tps {r['tps']:,.0f}  mfu {mfu}  "
+            f"memory_gib {r['memory_gib']:.2f}  data_loading_pct {r['data_loading_pct']:.1f}  eta_s {r['eta_s']:,.0f}"
+            + (f"  skipped_steps {r['skipped_steps']}" if r.get("skipped_steps") else "")
+            + (f"  moe_load_imbalance {r['moe_load_imbalance']:.2f}" if "moe_load_imbalance" in r else "")
+        )
+    if "val_loss" in r:
+        per_source = "".join(f"  {k} {v:.4f}" for k, v in r.items() if k.startswith("val_loss/"))
+        lines.append(
+            f"step {r['step']:>6}  val_loss {r['val_loss']:8.4f}  val_perplexity {r['val_perplexity']:9.2f}"
+            f"{per_source}  val_tokens {r['val_tokens']:,}  val_seconds {r['val_seconds']:.2f}"
+        )
+    return lines

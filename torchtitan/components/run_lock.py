@@ -15,7 +15,9 @@ exists, so of two runs starting together one wins. A take-over first renames the
 aside (one renamer wins) and checks it renamed the file it judged.
 
 Released by ``Trainer.close``, by train.py's error exit and at interpreter exit; a SIGKILLed run
-leaves its lock behind, which the dead-owner rules cover.
+leaves its lock behind, which the dead-owner rules cover. A start that fails before it is accepted
+(components/run_folder.py) releases it at once, and train.py then removes the dump folder if this
+start created it and nothing else is in it.
 """
 
 import atexit

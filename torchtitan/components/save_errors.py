@@ -135,7 +135,7 @@ def first_line(e: BaseException) -> str:
 
 def write_failed(what: str, target: Path, error: BaseException, needed: int, outcome: str,
                  room: str) -> CheckpointWriteError:
-    """The one-line error of a failed write of ``needed`` bytes to ``target``.
+    """The error of a failed write of ``needed`` bytes to ``target``.
 
     ``outcome`` says what was cleaned up and what survived (e.g. the previous checkpoint); ``room``
     how to make room on a full disk.
@@ -143,13 +143,15 @@ def write_failed(what: str, target: Path, error: BaseException, needed: int, out
     free = free_bytes(target)
     sizes = f"it needs about {human(needed)}, {human(free)} free there"
     cause = f"{type(error).__name__}: {first_line(error)}"
+    # The problem on the first line, then what survived and the fix, then the cause: a terminal's
+    # wrap of one long line hides the fix (tools/cli.py prints the rest indented).
     if is_disk_full(error, needed, free):
         return CheckpointWriteError(
-            f"{what} to {target} failed: no space left on the device ({sizes}; {cause}). {outcome}. "
-            f"To go on: {room}, then rerun"
+            f"{what} to {target} failed: no space left on the device ({sizes})\n{outcome}.\n"
+            f"To go on: {room}, then rerun.\ncause: {cause}"
         )
     return CheckpointWriteError(
-        f"{what} to {target} failed with an I/O error ({cause}; {sizes}). {outcome}. To go on: check "
+        f"{what} to {target} failed with an I/O error ({sizes})\n{outcome}.\nTo go on: check "
         f"that the file system is mounted and writable (dmesg may name a failing disk or network mount), "
-        f"then rerun"
+        f"then rerun.\ncause: {cause}"
     )

@@ -8,12 +8,18 @@ family's args; the family (``ModelSpec``) is found from the args' type, config.j
     ours --save_hf_checkpoint--> model.safetensors (+ index) + config.json (+ tokenizer.json and its config)
     ours --save_dcp--> DCP + model_args.json (the family's name and args)
 
+Conversions carry the tokenizer: ``copy_tokenizer_files`` puts a source folder's tokenizer files
+into ``<dcp>/tokenizer/``, where ``find_tokenizer`` (generate, eval, convert_dcp_to_hf) looks.
+The trainer's end-of-training export is checked at start-up (``check_hf_export``) and never loses
+the model (``export_hf_or_keep_weights``). Written files get the mode ``open()`` gives (umask).
+
 Llama's original Meta format is Llama's own (``models/llama/meta_checkpoint.py``). Nothing here
 needs a process group: DCP reads and writes on one process. Nothing unpickles without
 restriction: DCP reads go through ``SafeLoadPlanner``.
 """
 
 import dataclasses
+import importlib.util
 import json
 import os
 import shutil
@@ -27,8 +33,8 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from torchtitan.components.checkpoint import SafeFileSystemReader, SafeLoadPlanner
 from torchtitan.components.hf_tokenizer import hf_token_ids, save_hf_tokenizer
-from torchtitan.components.save_errors import write_failed
-from torchtitan.components.tokenizer import Tokenizer
+from torchtitan.components.save_errors import CheckpointWriteError, first_line, write_failed
+from torchtitan.components.tokenizer import SentencePieceTokenizer, Tokenizer
 from torchtitan.models.registry import ModelSpec, get_spec, registered, spec_for_hf_model_type
 
 MODEL_ARGS_FILE = "model_args.json"  # written beside converted DCP weights: export needs no flavor
@@ -38,7 +44,10 @@ _DEFAULT_MAX_SEQ_LEN = 8192  # RoPE table length when the source does not say (a
 # model_args.json files written before families had names, and config.json without model_type
 # (hand-written Llama configs), are read as this family's.
 _DEFAULT_FAMILY = "llama3"
-_DEFAULT_MAX_SEQ_LEN = 8192  # RoPE table length when the source does not say (a training run sets its own)
+TOKENIZER_DIR = "tokenizer"  # inside a converted DCP folder: the source's tokenizer files
+TOKENIZER_MODEL_FILES = ("tokenizer.json", "tokenizer.model")  # in order of preference
+# Beside them: their special tokens, and config.json, whose bos/eos ids HFTokenizer falls back to.
+_TOKENIZER_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "config.json")
 
 # ----------------------------------------------------------------------------- model args
 
@@ -97,34 +106,37 @@ def _cast(sd: dict[str, torch.Tensor], dtype: Optional[torch.dtype]) -> dict[str
 
 
 def save_dcp(sd: dict[str, torch.Tensor], args, folder: str | Path) -> Path:
-    """A weights-only DCP checkpoint ({"model": sd}) plus model_args.json; no process group needed."""
+    """A weights-only DCP checkpoint ({"model": sd}) plus model_args.json, written by this process
+    alone: no process group needed, and one that exists (the trainer's rank 0) is not used."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     sd = {k: v.contiguous() for k, v in sd.items()}
-    with warnings.catch_warnings():  # "no process group: single-process save" is the intent here
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
-        dcp.save({"model": sd}, checkpoint_id=str(folder))
+        dcp.save({"model": sd}, checkpoint_id=str(folder), no_dist=True)
     (folder / MODEL_ARGS_FILE).write_text(json.dumps(model_args_to_dict(args), indent=2) + "\n")
     return folder
 
 
 def load_dcp_model_state(folder: str | Path) -> dict[str, torch.Tensor]:
-    """The "model" entry of a DCP checkpoint (training or weights-only) as full CPU tensors.
+    """The model of a DCP checkpoint as full CPU tensors: its "model" entry (training checkpoints,
+    converted weights), or its flat tensors (model-only saves: seed, ``model_weights_only``).
 
     Only the model's tensors are read: the optimizer state (2x the model) is never loaded.
     """
     reader = SafeFileSystemReader(str(folder))  # .metadata is a pickle: restricted unpickler
-    metadata = reader.read_metadata()
+    tensors = {fqn: md for fqn, md in reader.read_metadata().state_dict_metadata.items()
+               if isinstance(md, TensorStorageMetadata)}
+    nested = any(fqn.startswith("model.") for fqn in tensors)
     sd = {
         fqn.removeprefix("model."): torch.empty(md.size, dtype=md.properties.dtype)
-        for fqn, md in metadata.state_dict_metadata.items()
-        if fqn.startswith("model.") and isinstance(md, TensorStorageMetadata)
+        for fqn, md in tensors.items() if fqn.startswith("model.") or not nested
     }
     if not sd:
-        raise ValueError(f"{folder} has no 'model' tensors; is it a DCP checkpoint written by this framework?")
+        raise ValueError(f"{folder} has no model tensors; is it a DCP checkpoint written by this framework?")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load({"model": sd}, storage_reader=reader, planner=SafeLoadPlanner())
+        dcp.load({"model": sd} if nested else sd, storage_reader=reader, planner=SafeLoadPlanner())
     return sd
 
 
@@ -161,12 +173,23 @@ def _read_training_config(folder: Path) -> dict:
 # ----------------------------------------------------------------------------- Hugging Face
 
 
+def require_safetensors(what: str):
+    """The safetensors package (its torch API imported), or a one-line ValueError saying how to get it."""
+    try:
+        import safetensors
+        import safetensors.torch  # noqa: F401  (callers use safetensors.torch.*)
+    except ImportError as e:
+        raise ValueError(
+            f"{what} needs the safetensors package ({e}): pip install safetensors (requirements.txt has it)"
+        ) from None
+    return safetensors
+
+
 def load_hf_checkpoint(
     folder: str | Path, dtype: Optional[torch.dtype] = None
 ) -> tuple[dict[str, torch.Tensor], object]:
     """HF folder of any registered family (config.json + model.safetensors or sharded with an index) -> ours."""
-    from safetensors.torch import load_file
-
+    load_file = require_safetensors(f"reading {folder}").torch.load_file
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise ValueError(f"{folder} has no config.json: not a Hugging Face model folder")
@@ -204,8 +227,7 @@ def save_hf_checkpoint(
     The files are written into ``<folder>.tmp``, then moved in: a full disk or an I/O error removes
     the partial files, leaves ``folder`` as it was and raises one ``CheckpointWriteError``.
     """
-    from safetensors import SafetensorError
-
+    SafetensorError = require_safetensors(f"writing {folder}").SafetensorError
     check_state_dict(sd, args)
     folder = Path(folder).absolute()
     folder.mkdir(parents=True, exist_ok=True)  # a path through a file or an unwritable one fails as itself
@@ -233,8 +255,7 @@ def save_hf_checkpoint(
 def _write_hf_files(sd: dict[str, torch.Tensor], args, folder: Path, dtype: torch.dtype, max_shard_bytes: int,
                     tokenizer: Optional[Tokenizer]) -> list[str]:
     """The files of ``save_hf_checkpoint``, written into ``folder``; returns their names."""
-    from safetensors.torch import save_file
-
+    save_file = require_safetensors(f"writing {folder}").torch.save_file
     hf = spec_of(args).hf
     config = hf.args_to_config(args, dtype)
     if tokenizer is not None:  # first: a tokenizer that cannot be converted fails before the big write
@@ -260,6 +281,11 @@ def _write_hf_files(sd: dict[str, torch.Tensor], args, folder: Path, dtype: torc
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    # safetensors writes its files 0600 (owner only): give them the mode open() gave config.json
+    # (0644 under umask 022), so teammates can read the export too.
+    mode = (folder / "config.json").stat().st_mode & 0o777
+    for file in folder.glob("*.safetensors"):
+        file.chmod(mode)
     return sorted(p.name for p in folder.iterdir())
 
 
@@ -274,3 +300,107 @@ def _shard_by_bytes(sd: dict[str, torch.Tensor], max_bytes: int) -> list[list[st
         shards[-1].append(name)
         size += nbytes
     return shards
+
+
+# ----------------------------------------------------------------------------- tokenizer files
+
+
+def copy_tokenizer_files(source: str | Path, dcp_folder: str | Path) -> Optional[Path]:
+    """A Hugging Face or Meta folder's tokenizer copied into ``<dcp_folder>/tokenizer/`` (where
+    ``find_tokenizer`` looks); that folder, or None when ``source`` has no tokenizer."""
+    source = Path(source)
+    if not any((source / name).is_file() for name in TOKENIZER_MODEL_FILES):
+        return None
+    target = Path(dcp_folder) / TOKENIZER_DIR
+    target.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_MODEL_FILES + _TOKENIZER_SIDE_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, target / name)  # not copy(): the mode follows the umask
+    return target
+
+
+def find_tokenizer(folder: str | Path) -> Optional[Path]:
+    """The tokenizer file a checkpoint folder carries: its own tokenizer.json / tokenizer.model (HF
+    and Meta folders) or its tokenizer/'s (converted DCP), or None."""
+    for where in (Path(folder), Path(folder) / TOKENIZER_DIR):
+        for name in TOKENIZER_MODEL_FILES:
+            if (where / name).is_file():
+                return where / name
+    return None
+
+
+# ----------------------------------------------------------------------------- the trainer's export
+
+
+def hf_export_path(dump_folder: str, folder: str) -> Path:
+    """checkpoint.hf_export_folder: relative to the dump folder, an absolute one as it is."""
+    return Path(dump_folder) / folder
+
+
+def check_hf_export(folder: str, dump_folder: str, tokenizer: Tokenizer) -> None:
+    """Before training: the export at its end can be written (package installed, tokenizer
+    convertible, folder writable). Nothing to check when the export is off (``folder`` empty)."""
+    if not folder:
+        return
+    key = f"checkpoint.hf_export_folder={folder!r}"
+    require_safetensors(f"{key} (the Hugging Face export after the last step)")
+    if isinstance(tokenizer, SentencePieceTokenizer):  # converted by transformers' SpmConverter
+        missing = [pkg for pkg, module in (("transformers", "transformers"), ("protobuf", "google.protobuf"))
+                   if not _importable(module)]
+        if missing:
+            raise ValueError(f"{key} writes the sentencepiece tokenizer as tokenizer.json, which needs "
+                             f"{' and '.join(missing)}: pip install {' '.join(missing)}")
+    _probe_writable(hf_export_path(dump_folder, folder), key)
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # a parent package is missing
+        return False
+
+
+def _probe_writable(path: Path, key: str) -> None:
+    """Write what the export writes: a file in ``path`` and a folder beside it (its staging folder).
+
+    A write probe, not a permission-bit check, as train.py's check_dump_folder: root ignores the
+    bits, yet also fails here when the path runs through a regular file or a read-only mount.
+    """
+    tag = f"write-probe-{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / f".{tag}").write_bytes(b"")
+        (path / f".{tag}").unlink()
+        path.with_name(f".{path.name}.{tag}").mkdir()
+        path.with_name(f".{path.name}.{tag}").rmdir()
+    except OSError as e:
+        raise ValueError(
+            f"{key} is not a writable folder ({e.strerror or e}: {e.filename or path}); the model is exported "
+            f"there after the last step: pass a folder you can write (a relative one is under job.dump_folder)"
+        ) from None
+
+
+def export_hf_or_keep_weights(sd: dict[str, torch.Tensor], args, folder: Path, tokenizer: Optional[Tokenizer],
+                              dump_folder: str, final_checkpoint: Optional[Path]) -> Optional[str]:
+    """The trainer's export (on one rank); None when written, else the error (what failed and where
+    the weights are, then the command that exports them), after the weights were made safe: ``final_checkpoint`` (this step's checkpoint) if any, else a weights-only
+    DCP in ``<dump>/final_weights`` (with the run's config.toml, so the tokenizer is known)."""
+    try:
+        save_hf_checkpoint(sd, args, folder, tokenizer=tokenizer)
+        return None
+    except Exception as e:  # whatever failed, the trained weights must outlive it
+        cause = e.__cause__ if isinstance(e, CheckpointWriteError) and e.__cause__ is not None else e
+        failed = f"exporting the model in Hugging Face format to {folder} failed ({type(cause).__name__}: " \
+                 f"{first_line(cause)})"
+    if final_checkpoint is None:
+        final_checkpoint = Path(dump_folder) / "final_weights"
+        try:
+            save_dcp(sd, args, final_checkpoint)
+            if (Path(dump_folder) / "config.toml").is_file():
+                shutil.copyfile(Path(dump_folder) / "config.toml", final_checkpoint / "config.toml")
+        except Exception as e:
+            return (f"{failed}, and saving the final weights to {final_checkpoint} failed too "
+                    f"({type(e).__name__}: {first_line(e)}): they are lost; set checkpoint.enable to keep them")
+    # The command on a line of its own: the CLI prints such lines unwrapped, so it copies whole.
+    return (f"{failed}; the final weights are safe in {final_checkpoint}; export them later with:\n"
+            f"python scripts/convert_dcp_to_hf.py {final_checkpoint} {folder}")

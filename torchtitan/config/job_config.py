@@ -30,7 +30,10 @@ def opt(default, help: str):
 
 @dataclass
 class Job:
-    config_file: str = opt("", "TOML file to read (also --config); CLI overrides it, it overrides the defaults")
+    config_file: str = opt(
+        "", "TOML file to read (also --config); CLI overrides it, it overrides the defaults. train.py without "
+        "one reads train_configs/debug_model.toml"
+    )
     dump_folder: str = opt("./outputs", "Folder for metrics, checkpoints, traces and the resolved config")
     description: str = opt("", "Free-text description of the run")
     print_config: bool = opt(False, "Print the resolved config at start-up")
@@ -41,6 +44,11 @@ class Job:
     lock_timeout_seconds: float = opt(
         300.0, "A lock held from another host is taken over once its heartbeat (refreshed every tenth of "
         "this) is older than this"
+    )
+    overwrite: bool = opt(
+        False, "A fresh start into a folder that holds another run (its metrics, or checkpoints of another "
+        "model) moves that run's files into <dump_folder>/replaced-<run_id>/ instead of refusing; nothing is "
+        "deleted, and a resumable checkpoint of this model is still resumed"
     )
 
 
@@ -105,6 +113,10 @@ class Data:
     )
     weights: list[float] = opt([], "Mixture weights, one per dataset (empty = equal)")
     text_field: str = opt("text", "Field holding the document text in json/parquet/HF records")
+    decode_errors: Literal["replace", "strict"] = opt(
+        "replace", "Local txt/json/jsonl bytes that are not UTF-8: replace with U+FFFD (counted in a warning per "
+        "source) or strict (refuse the file)"
+    )
     seed: int = opt(0, "Seed of the mixture's source choice and of the window shuffle (resumable)")
     shuffle_windows: int = opt(
         0, "Shuffle packed sequences through a pool of this many (0 = stream order); mixes documents in a batch"

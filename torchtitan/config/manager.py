@@ -1,8 +1,9 @@
 """Parse a JobConfig from dataclass defaults, a TOML file and command-line overrides.
 
 Precedence is CLI > TOML > defaults. The TOML file is named on the command line
-(``--job.config_file PATH`` or its alias ``--config PATH``); without one the run
-uses the defaults written in ``job_config.py`` plus the CLI overrides.
+(``--job.config_file PATH`` or its alias ``--config PATH``); without one, an entry point's
+``default_config_file`` (train.py: ``train_configs/debug_model.toml``, what run_train.sh passes),
+else the defaults written in ``job_config.py`` (``--config ''`` asks for those explicitly).
 
 Every value is converted and checked against the field's annotated type, so a
 typo or a wrong type fails at start-up with a message that names the key, where
@@ -102,10 +103,14 @@ class ConfigManager:
     (same two-level shape) without editing the core JobConfig.
     """
 
-    def __init__(self, config_cls: type = JobConfig):
+    def __init__(self, config_cls: type = JobConfig, default_config_file: str | Path = ""):
         self.config_cls = config_cls
         self.types = _field_types(config_cls)
         self.origin: dict[str, str] = {}
+        # Read when the command line names no config file: an entry point's default run (train.py).
+        self.default_config_file = str(default_config_file)
+        self.config_file = ""  # the TOML file the last parse read ("" = none: the defaults)
+        self.used_default = False  # it was default_config_file: the command line named none
 
     def parse_args(self, argv: list[str] | None = None):
         """Return the resolved config; ``--help``/``-h`` prints every option and exits 0."""
@@ -117,8 +122,13 @@ class ConfigManager:
         cfg, origin = self.config_cls(), {}
         # The last --config / --job.config_file wins, like any repeated option.
         paths = [value for section, key, value in overrides if (section, key) == ("job", "config_file")]
-        if paths and paths[-1]:
-            self._apply_toml(cfg, paths[-1], origin)
+        self.config_file = paths[-1] if paths else self.default_config_file
+        if self.config_file:
+            self._apply_toml(cfg, self.config_file, origin)
+        self.used_default = not paths and bool(self.config_file)
+        if self.used_default:  # recorded in config.toml as the file read
+            cfg.job.config_file = self.config_file
+            origin["job.config_file"] = "the entry point's default"
         for section, key, value in overrides:
             setattr(getattr(cfg, section), key, value)
             origin[f"{section}.{key}"] = CLI
@@ -134,10 +144,17 @@ class ConfigManager:
         """Every option grouped by section: name, type and default, then the help text."""
         defaults = self.config_cls()
         lines = [_USAGE]
+        if self.default_config_file:
+            lines += ["", f"Without --job.config_file / --config this reads {self.default_config_file}",
+                      "(what run_train.sh runs); --config '' starts from the built-in defaults listed below."]
         for section, fields in self.types.items():
             lines += ["", f"[{section}]"]
             section_cls = type(getattr(defaults, section))
             helps = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(section_cls)}
+            if section == "model":  # the registered families and all their flavors, never a stale list
+                from torchtitan.models.registry import model_option_help
+
+                helps.update({k: v for k, v in model_option_help().items() if k in helps})
             for key, tp in fields.items():
                 default = _toml_value(getattr(getattr(defaults, section), key))
                 lines.append(f"  --{section}.{key} {_type_name(tp)}  (default: {default})")
@@ -276,10 +293,30 @@ def _validate_cross_fields(cfg, fail) -> None:
         fail("data.weights", "must all be positive")
 
 
+# Packages a feature imports only when it is on: (section, key, package, pip name). Checked at
+# start, so a run never fails at its first log step or its end for want of one of them.
+_FEATURE_PACKAGES = (
+    ("metrics", "enable_wandb", "wandb", "wandb"),
+    ("metrics", "enable_tensorboard", "tensorboard", "tensorboard"),
+    ("float8", "enable_float8_linear", "torchao", "torchao"),
+    ("checkpoint", "hf_export_folder", "safetensors", "safetensors"),
+)
+
+
+def _check_packages(cfg, fail) -> None:
+    import importlib.util
+
+    for section, key, package, pip_name in _FEATURE_PACKAGES:
+        if getattr(getattr(cfg, section, None), key, None) and importlib.util.find_spec(package) is None:
+            fail(f"{section}.{key}", f"needs the package {package!r}, which is not installed: "
+                 f"pip install {pip_name} (or turn the feature off)")
+
+
 def check_paths(cfg, origin: dict[str, str] | None = None) -> None:
     """The paths a run reads exist, checked at its start: also those read late in a run or only when
     their feature is on (the initial checkpoint, validation data)."""
     _, fail = _failer(cfg, origin)
+    _check_packages(cfg, fail)
     tok = getattr(cfg, "tokenizer", None)
     if tok is not None and tok.path and not Path(tok.path).expanduser().exists():
         fail("tokenizer.path", "does not exist: set tokenizer.path to a tiktoken or sentencepiece .model file or a "

@@ -15,6 +15,9 @@ exact copy of a validation document is never trained on. Hashing costs far less 
 tokenizing. A validation source reads its split once and then raises ``EndOfSplit`` (the packer
 would turn a plain end of iteration into a RuntimeError); the loop catches it.
 
+Local text that is not UTF-8 is replaced and counted, or refused (``data.decode_errors``, see
+``decoding.py``); the first rollover of each source is logged once, not once per epoch.
+
 Nothing here depends on the rank: every rank reads the same stream (see
 ``dataloader.py`` for why).
 """
@@ -28,7 +31,9 @@ from typing import Iterator
 
 from torch.distributed.checkpoint.stateful import Stateful
 
-from torchtitan.datasets.stdlib_corpus import held_out, read_document, stdlib_files
+from torchtitan.datasets.decoding import Decoder, RolloverLog
+from torchtitan.datasets.hub_access import check_hub_reachable, open_error_message
+from torchtitan.datasets.stdlib_corpus import held_out, stdlib_files
 
 logger = logging.getLogger(__name__)
 
@@ -66,16 +71,18 @@ def _record_text(record, text_field: str, where: str) -> str:
     return "" if text is None else str(text)
 
 
-def _json_records(path: Path) -> Iterator[dict]:
+def _json_records(path: Path, decoder: Decoder) -> Iterator[dict]:
+    # Decoded here rather than by json.loads(bytes), which fails on the first non-UTF-8 byte with a
+    # traceback: the decoder replaces and counts them, or refuses the file naming the line.
     with path.open("rb") as f:
         head = f.read(4096).lstrip()
     if path.suffix == ".json" and head.startswith(b"["):  # one JSON array of records
-        yield from json.loads(path.read_bytes())
+        yield from json.loads(decoder.text(path.read_bytes(), str(path)))
         return
     with path.open("rb") as f:  # JSON lines (.jsonl, or a .json holding lines)
-        for line in f:
+        for i, line in enumerate(f):
             if line.strip():
-                yield json.loads(line)
+                yield json.loads(decoder.text(line, f"{path} line {i + 1}"))
 
 
 def _parquet_texts(path: Path, text_field: str, start: int) -> Iterator[str]:
@@ -98,15 +105,16 @@ def _parquet_texts(path: Path, text_field: str, start: int) -> Iterator[str]:
         seen += rows
 
 
-def read_texts(path: Path, text_field: str, start: int = 0) -> Iterator[str]:
-    """The documents of one local file, from record ``start`` on."""
+def read_texts(path: Path, text_field: str, start: int = 0, decoder: Decoder | None = None) -> Iterator[str]:
+    """The documents of one local file, from record ``start`` on (parquet strings are UTF-8 by format)."""
+    decoder = decoder or Decoder(str(path))
     if path.suffix in _WHOLE_FILE_SUFFIXES:
         if start == 0:
-            yield read_document(path)
+            yield decoder.text(path.read_bytes(), str(path))
     elif path.suffix == ".parquet":
         yield from _parquet_texts(path, text_field, start)
     elif path.suffix in (".jsonl", ".json"):
-        for i, record in enumerate(_json_records(path)):
+        for i, record in enumerate(_json_records(path, decoder)):
             if i >= start:  # resume re-parses the skipped lines: simple, and exact
                 yield _record_text(record, text_field, f"{path} record {i}")
     else:
@@ -126,12 +134,14 @@ class FileListSource(Stateful):
     """
 
     def __init__(self, files: list[Path], text_field: str = "text", name: str = "", split: str = "all",
-                 val_fraction: float = 0.0, loop: bool = True):
+                 val_fraction: float = 0.0, loop: bool = True, decoder: Decoder | None = None):
         assert split in ("all", *SPLITS), split
         self.files = [Path(f) for f in files]
         self.text_field = text_field
         self.name = name or (str(self.files[0]) if len(self.files) == 1 else f"{len(self.files)} files")
         self.split, self.val_fraction, self.loop = split, val_fraction, loop
+        self.decoder = decoder or Decoder(self.name)
+        self.rollover = RolloverLog(self.name)
         self.epoch, self.file_index, self.record_index = 0, 0, 0
         self.origin = (self.name, 0)
 
@@ -144,7 +154,7 @@ class FileListSource(Stateful):
             yielded = read = 0
             while self.file_index < len(self.files):
                 path = self.files[self.file_index]
-                for text in read_texts(path, self.text_field, self.record_index):
+                for text in read_texts(path, self.text_field, self.record_index, self.decoder):
                     # Advance before yielding, so a state_dict taken now points past this document.
                     self.record_index += 1
                     read += 1
@@ -153,12 +163,14 @@ class FileListSource(Stateful):
                     self.origin = (self.name, self.epoch)
                     yielded += 1
                     yield text
+                self.decoder.file_done(path)
                 self.file_index, self.record_index = self.file_index + 1, 0
+            self.decoder.epoch_done(self.epoch)
             if from_start and yielded == 0:
                 raise ValueError(self._no_documents(held_out=read > 0))
             if not self.loop:
                 raise EndOfSplit(f"dataset {self.name!r}: every document was read once")
-            logger.info(f"dataset {self.name!r}: epoch {self.epoch} done, looping")
+            self.rollover.epoch_done(self.epoch, yielded if from_start else None)
             self.epoch, self.file_index, self.record_index = self.epoch + 1, 0, 0
 
     def _no_documents(self, held_out: bool) -> str:
@@ -221,19 +233,16 @@ class HFSource(Stateful):
         self.loop = loop
         self.retries, self.retry_seconds = retries, retry_seconds
         self.name = f"{path}:{name}" if name else path
+        check_hub_reachable(self.name)  # offline: one line now, not ~25 s of the hub's retries first
         try:
             self.dataset = datasets.load_dataset(path, name=name, split=split, streaming=True)
         except Exception as e:  # noqa: BLE001  (hub, network, cache and naming errors all end here)
             if not isinstance(e, (*network_errors(), ValueError, datasets.exceptions.DatasetNotFoundError)):
                 raise
-            raise ValueError(
-                f"hub dataset {self.name!r} (split {split!r}) could not be opened ({type(e).__name__}: "
-                f"{_first_line(e)}); check the name (data.datasets 'hf:<repo>[:<config>]'), or use a local copy "
-                "(a file or folder path in data.datasets), or, offline, set HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 "
-                "with the dataset in the Hugging Face cache"
-            ) from None
+            raise ValueError(open_error_message(self.name, split, f"{type(e).__name__}: {_first_line(e)}")) from None
         self.epoch = 0
         self.origin = (self.name, 0)
+        self.rollover = RolloverLog(self.name)
 
     def __iter__(self) -> Iterator[str]:
         while True:
@@ -247,7 +256,7 @@ class HFSource(Stateful):
                 raise ValueError(f"dataset {self.name!r} (split {self.split!r}) has no documents")
             if not self.loop:
                 raise EndOfSplit(f"dataset {self.name!r}: every document of its {self.split!r} split was read")
-            logger.info(f"dataset {self.name!r}: epoch {self.epoch} done, looping")
+            self.rollover.epoch_done(self.epoch, None)  # a resumed hub stream's count would be partial
             self.epoch += 1
 
     def _records(self) -> Iterator[dict]:
@@ -375,7 +384,8 @@ def parse_hf_spec(spec: str) -> tuple[str, str | None, str | None]:
 def _build_one(spec: str, data_cfg, split: str):
     loop = split == "train"  # validation reads its split once per evaluation
     if spec == "stdlib":
-        return FileListSource(stdlib_files(split, data_cfg.val_fraction), data_cfg.text_field, "stdlib", loop=loop)
+        return FileListSource(stdlib_files(split, data_cfg.val_fraction), data_cfg.text_field, "stdlib", loop=loop,
+                              decoder=Decoder("stdlib", quiet=True))
     if spec in HF_ALIASES:
         repo, config, text_field = HF_ALIASES[spec]
         return HFSource(repo, config, split, text_field, loop=loop, **_retry_args(data_cfg))
@@ -383,7 +393,8 @@ def _build_one(spec: str, data_cfg, split: str):
         repo, config, hub_split = parse_hf_spec(spec)
         return HFSource(repo, config, hub_split or split, data_cfg.text_field, loop=loop, **_retry_args(data_cfg))
     files = local_files(spec)  # raises for a missing path, naming what is accepted
-    return FileListSource(files, data_cfg.text_field, spec, split, data_cfg.val_fraction, loop=loop)
+    return FileListSource(files, data_cfg.text_field, spec, split, data_cfg.val_fraction, loop=loop,
+                          decoder=Decoder(spec, data_cfg.decode_errors))
 
 
 def build_source(data_cfg, split: str = "train"):

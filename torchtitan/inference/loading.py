@@ -19,7 +19,8 @@ else what the checkpoint carries (the ``config.toml`` every training checkpoint 
 ``model_args.json``, ``config.json``, ``params.json``). A checkpoint whose tensors do not fit that
 config is refused naming the first mismatch. The tokenizer: ``tokenizer`` (a tokenizer file or
 a folder with ``tokenizer.json``), else the config's, else the checkpoint folder's own
-(``tokenizer.json``, ``tokenizer.model``); None when nothing names one.
+(``tokenizer.json``, ``tokenizer.model``, or those a conversion put in its ``tokenizer/``); None when
+nothing names one.
 
 ``max_seq_len`` (0 = the checkpoint's: the training seq_len, config.json's max_position_embeddings)
 is the longest prompt + completion. Under ``tp > 1`` the process group must have exactly ``tp``
@@ -46,6 +47,7 @@ from torchtitan.components.model_builder import build_model_args
 from torchtitan.components.tokenizer import Tokenizer, build_tokenizer
 from torchtitan.components.weight_conversion import (
     MODEL_ARGS_FILE,
+    find_tokenizer,
     hf_config_to_args,
     load_hf_checkpoint,
     model_args_from_dict,
@@ -180,10 +182,8 @@ def _load_tokenizer(path: Optional[str], cfg: Optional[JobConfig], source: Check
         return build_tokenizer(path)  # a file of any format we read, or a folder with tokenizer.json
     if cfg is not None:
         return build_tokenizer(cfg.tokenizer.path, cfg.tokenizer.cache_dir)
-    for name in ("tokenizer.json", "tokenizer.model"):  # HF folders, Meta folders
-        if source.kind != "dcp" and (source.path / name).is_file():
-            return build_tokenizer(str(source.path / name))
-    return None
+    carried = find_tokenizer(source.path)  # HF and Meta folders' own; a converted DCP's tokenizer/
+    return build_tokenizer(str(carried)) if carried is not None else None
 
 
 def _check_tp(args, tp: int) -> None:

@@ -115,6 +115,14 @@ def registered() -> dict[str, ModelSpec]:
     return dict(_REGISTRY)
 
 
+def model_option_help() -> dict[str, str]:
+    """--help's text of model.name and model.flavor, from what is registered: every family's flavors."""
+    specs = registered()
+    flavors = "; ".join(f"{name}: {', '.join(spec.flavors)}" for name, spec in specs.items())
+    return {"name": f"Model family, one of: {', '.join(specs)} (every package under torchtitan/models)",
+            "flavor": f"Model size, one of the family's flavors ({flavors})"}
+
+
 def get_spec(name: str) -> ModelSpec:
     specs = registered()
     if name not in specs:

@@ -120,6 +120,26 @@ class ParallelDims:
         names = ("world_size", "dp_replicate", "dp_shard", "cp", "tp", "pp", "ep")
         return {name: getattr(self, name) for name in names}
 
+    def layout_line(self) -> str:
+        """One line naming every dimension in use and what it carries, e.g.
+        ``layout: 4 ranks = dp_shard 2 (FSDP) x tp 2 (tensor); ep 2 (experts, borrows dp_shard)``."""
+        roles = {
+            "pp": "pipeline stages",
+            "dp_replicate": "HSDP replicas" if self.dp_shard > 1 or self.cp > 1 else "DDP replicas",
+            "dp_shard": "FSDP",
+            "cp": "sequence split; FSDP shards over it too",
+            "tp": "tensor",
+        }
+        used = [f"{n} {d} ({roles[n]})" for n, d in zip(_MESH_ORDER, self._degrees()) if d > 1]
+        ranks = f"{self.world_size} rank{'s' if self.world_size != 1 else ''}"
+        if not used:
+            return f"layout: {ranks}, no parallelism"
+        line = f"layout: {ranks} = {' x '.join(used)}"
+        if self.ep_enabled:
+            borrowed = " x ".join(n for n, d in (("dp_shard", self.dp_shard), ("cp", self.cp)) if d > 1)
+            line += f"; ep {self.ep} (experts, borrows {borrowed}: no extra ranks)"
+        return f"{line}; data-parallel degree {self.dp}"
+
     def has(self, name: str) -> bool:
         return self._mesh is not None and (name in self._mesh.mesh_dim_names or name in self._flat)
 
@@ -207,3 +227,19 @@ class ParallelDims:
         """Devices that together process one sequence: tokens/s per device divides by this."""
         return self.cp * self.tp * self.pp
 
+
+def batch_split(global_bs: int, local_bs: int, dp: int) -> tuple[int, int]:
+    """(local batch, gradient accumulation steps) from the global and local batch sizes
+    (``local_bs`` -1: the global batch split evenly over dp, no accumulation)."""
+    if global_bs % dp:
+        raise ValueError(
+            f"training.global_batch_size={global_bs} does not divide by the data-parallel degree {dp}; "
+            f"use a multiple of {dp}"
+        )
+    local_bs = global_bs // dp if local_bs == -1 else local_bs
+    if local_bs <= 0 or global_bs % (local_bs * dp):
+        raise ValueError(
+            f"training.global_batch_size={global_bs} must be a multiple of local_batch_size={local_bs} x "
+            f"data-parallel degree {dp}; gradient accumulation is global / (local x dp)"
+        )
+    return local_bs, global_bs // (local_bs * dp)

@@ -474,7 +474,8 @@ def _notes(m: Measurements, matmul_s: float, launch_s: float) -> str:
         f"calibrated {m.date} on {m.cpu} ({os.cpu_count()} cores), {m.nproc} processes at once, {m.threads} "
         f"thread(s) each, gloo, {m.wall_s:.0f} s, other processes {m.extra.get('host_load_cores', math.nan):.2f} "
         f"cores; probe {p.family} {p.flavor} {p.local_bs}x{p.seq_len} fwd+bwd {ms(m.probe_s)} vs model matmul "
-        f"{ms(matmul_s)} + launches {ms(launch_s)} (dispatch {m.dispatch_s * 1e6:.0f} us per op, +{m.dtensor_dispatch_s * 1e6:.0f} us on DTensors); attention "
+        f"{ms(matmul_s)} + launches {ms(launch_s)} (dispatch {m.dispatch_s * 1e6:.0f} us per op, "
+        f"+{m.dtensor_dispatch_s * 1e6:.0f} us on DTensors); attention "
         f"{m.attention_flops / m.attention_s / 1e9:.1f} GFLOP/s; per-op fits (latency us / GB/s): "
         + ", ".join(f"{op} {lt * 1e6:.0f} / {b / 1e9:.2f}" for op, (lt, b) in per_op.items())
         + f"; copy {m.copy_gbps:.1f} GB/s; compile not measured (compiled_overhead = elementwise_overhead)"

@@ -21,6 +21,8 @@ and the efficiency factors are what large public runs reach (see BENCHMARKS.md, 
 - ``launch_s``: the host's cost of dispatching one eager op (``dtensor_launch_s`` more for an op on
   DTensors, under TP); on a GPU it overlaps the kernels (``launch_overlaps``: it only shows when the
   kernels are shorter), on a CPU it adds up;
+- ``peak_known``: False for the nominal ``cpu`` row, whose peak is a placeholder: the plan prints
+  no MFU against it (a calibration measures the real one);
 - ``shared_compute``: processes per compute unit. 1 for GPUs; a CPU host running more ranks than
   cores measures ``peak_tflops`` with every rank busy, and a rank idle in a pipeline bubble hands
   its share of the cores to the others, so bubbles cost less there.
@@ -59,10 +61,21 @@ class Hardware:
     dtensor_launch_s: float = 40e-6  # extra host cost of an op on DTensors (TP): sharding propagation
     shared_compute: float = 1.0  # processes per compute unit (CPU ranks on fewer cores: > 1)
     compute_bytes: int = 2  # activations and gathered parameters (bf16); 4 on CPU (fp32)
+    peak_known: bool = True  # False: peak_tflops is a placeholder the step times assume, no real peak
     notes: str = ""
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1)
+
+    def describe_peak(self) -> str:
+        """The peak as the plan prints it: TFLOPs or, for a CPU, GFLOP/s, in the compute dtype."""
+        dtype = "bf16" if self.compute_bytes == 2 else "fp32"
+        if not self.peak_known:
+            return (f"peak n/a: uncalibrated, step times assume {self.peak_tflops * 1e3:.0f} GFLOP/s {dtype}; "
+                    "plan.py --calibrate measures this machine")
+        if self.peak_tflops >= 1:
+            return f"{self.peak_tflops:.0f} TFLOPs {dtype}"
+        return f"{self.peak_tflops * 1e3:.1f} GFLOP/s {dtype}"
 
 
 # Datasheet peaks (dense); bandwidths per GPU and direction: NVLink 4 = 450 GB/s, NVLink 5 = 900 GB/s,
@@ -84,7 +97,7 @@ GPUS: dict[str, Hardware] = {
     "cpu": Hardware("cpu", memory_gib=4.0, peak_tflops=0.05, fp8_tflops=0.0, hbm_gbps=10.0, intra_gbps=1.0,
                     inter_gbps=1.0, latency_s=100e-6, inter_latency_s=100e-6, matmul_efficiency=1.0,
                     attention_efficiency=0.5, half_size=32.0, compute_bytes=4, launch_s=50e-6,
-                    launch_overlaps=False, comm_overlap=0.0, dtensor_launch_s=300e-6,
+                    launch_overlaps=False, comm_overlap=0.0, dtensor_launch_s=300e-6, peak_known=False,
                     notes="nominal CPU process (uncalibrated): run plan.py --calibrate for this machine's"),
 }  # fmt: skip
 
@@ -118,4 +131,6 @@ def hardware_for(gpu: str, hardware_file: str = "", **overrides) -> Hardware:
         raise ValueError(f"--gpu {gpu!r} is not in the table: use one of {', '.join(GPUS)}, or --hardware FILE "
                          "(a calibration written by --calibrate, or a custom GPU as JSON)")
     overrides = {k: v for k, v in overrides.items() if v}
+    if "peak_tflops" in overrides:  # the user's number is a real peak
+        overrides["peak_known"] = True
     return dataclasses.replace(hw, **overrides) if overrides else hw

@@ -171,6 +171,13 @@ class Layout:
             return self.pp == 1
         return self.reshard_after_forward == "always"
 
+    def ac_label(self) -> str:
+        """The activation checkpointing as the table and the explanation name it: none, full, op
+        (selective per op) or selective N (every N-th block)."""
+        if self.ac == "selective":
+            return "op" if self.ac_option == "op" else f"selective {self.ac_option}"
+        return self.ac
+
     def describe(self) -> str:
         parts = [f"{k}{v}" for k, v in (("dp", self.dp_replicate), ("fsdp", self.dp_shard), ("tp", self.tp),
                                         ("pp", self.pp), ("cp", self.cp), ("ep", self.ep)) if v > 1]
@@ -180,7 +187,7 @@ class Layout:
         if self.pp > 1:
             _, _, n = self.schedule()
             parts.append(f"{self.pp_schedule}/{n}mb")
-        ac = {"none": "", "full": "AC full", "selective": f"AC {self.ac_option}"}[self.ac]
+        ac = "" if self.ac == "none" else f"AC {self.ac_label()}"
         extra = [e for e in (ac, "fp8" if self.float8 else "", "compile" if self.compile else "") if e]
         return " ".join(parts or ["1 device"]) + (" | " + " ".join(extra) if extra else "")
 

@@ -18,7 +18,8 @@ from typing import Iterator
 from torchtitan.planner.hardware import Hardware
 from torchtitan.planner.layout import Layout, ModelShape
 from torchtitan.planner.memory import GIB, MemoryBreakdown, peak_memory
-from torchtitan.planner.step_time import PARTS, StepTime, Topology, busiest
+from torchtitan.planner.step_time import PARTS, StepTime, Topology, busiest, group_spans_nodes
+from torchtitan.planner.vocab import run_vocab
 
 # What each step-time part means, for the one-line explanation.
 _WHY = {
@@ -27,7 +28,7 @@ _WHY = {
     "tp": "tensor-parallel collectives of every block",
     "cp": "context-parallel K/V all-gathers",
     "ep": "expert-parallel all-to-alls",
-    "dp": "replica all-reduce across nodes",
+    "dp": "replica all-reduce",  # + where its group runs, see _why
     "optimizer": "optimizer step",
 }
 
@@ -49,6 +50,7 @@ class PlanRequest:
     compile: bool = True
     margin: float = 0.1  # fraction of device memory kept free (fragmentation, NCCL, the CUDA context)
     max_local_batch: int = 64
+    vocab_note: str = ""  # where shape.vocab came from, printed with the plan
 
     @property
     def budget(self) -> float:
@@ -62,7 +64,7 @@ class Candidate:
     time: StepTime
     fits: bool
     tokens_per_s: float  # per device
-    mfu: float
+    mfu: float | None  # None when the hardware's peak is not known (the nominal cpu row)
     notes: list[str] = field(default_factory=list)
 
 
@@ -134,7 +136,7 @@ def evaluate(req: PlanRequest, layout: Layout) -> Candidate:
     t = busiest(req.shape, layout, req.seq_len, req.hw, topo)
     tokens = layout.global_batch * req.seq_len
     tps = tokens / t.total / req.gpus
-    mfu = req.shape.flops_per_token(req.seq_len) * tps / (req.hw.peak_tflops * 1e12)
+    mfu = req.shape.flops_per_token(req.seq_len) * tps / (req.hw.peak_tflops * 1e12) if req.hw.peak_known else None
     return Candidate(layout, mem, t, mem.total <= req.budget, tps, mfu)
 
 
@@ -161,12 +163,15 @@ def plan(req: PlanRequest) -> list[Candidate]:
     return fit + rest
 
 
-def _why(part: str, worse: Layout, better: Layout) -> str:
+def _why(part: str, worse: Layout, better: Layout, gpus_per_node: int) -> str:
+    if part == "dp":  # the table's words: a replica group inside one node is not "across nodes"
+        spans = group_spans_nodes(worse, "dp", gpus_per_node)
+        return _WHY[part] + (" across nodes" if spans else " inside the node")
     if part != "compute":
         return _WHY[part]
     reasons = []
-    if worse.ac != better.ac:
-        reasons.append(f"recomputation under AC {worse.ac}" if worse.ac != "none" else "no recomputation")
+    if worse.ac_label() != better.ac_label():
+        reasons.append(f"recomputation under AC {worse.ac_label()}" if worse.ac != "none" else "no recomputation")
     if worse.float8 != better.float8:
         reasons.append("bf16 linears" if not worse.float8 else "float8 casts")
     if worse.tp != better.tp or worse.local_bs != better.local_bs:
@@ -176,16 +181,16 @@ def _why(part: str, worse: Layout, better: Layout) -> str:
     return "compute (" + (", ".join(reasons) or "more FLOPs on this rank") + ")"
 
 
-def explain(a: Candidate, b: Candidate) -> str:
-    """One line: why ``a`` is ranked above ``b``."""
+def explain(a: Candidate, b: Candidate, gpus_per_node: int) -> str:
+    """One line: why ``a`` is ranked above ``b``, in the table's words."""
     gain = a.tokens_per_s / b.tokens_per_s - 1
     diffs = sorted(((getattr(b.time, p) - getattr(a.time, p), p) for p in PARTS), reverse=True)
     worse, part = diffs[0]
     line = (f"#1 ({a.layout.describe()}) beats #2 ({b.layout.describe()}) by {gain:.1%} tokens/s: #2 spends "
-            f"{worse * 1e3:.1f} ms more per step on {_why(part, b.layout, a.layout)}")
+            f"{worse * 1e3:.1f} ms more per step on {_why(part, b.layout, a.layout, gpus_per_node)}")
     if diffs[-1][0] < 0:
         better, bpart = diffs[-1]
-        line += f", more than it saves on {_why(bpart, a.layout, b.layout)} ({-better * 1e3:.1f} ms)"
+        line += f", more than it saves on {_why(bpart, a.layout, b.layout, gpus_per_node)} ({-better * 1e3:.1f} ms)"
     if a.layout.global_batch != b.layout.global_batch:
         line += " (different global batch)"
     return line
@@ -199,10 +204,11 @@ def format_table(cands: list[Candidate], top: int, req: PlanRequest) -> str:
         m, t = c.memory, c.time
         state = (m.params + m.grads + m.optimizer) / GIB
         mark = "" if c.fits else "  (does not fit)"
+        mfu = "n/a" if c.mfu is None else f"{c.mfu:.1%}"
         rows.append(
             f"{i:>3} {c.layout.describe():<44}{f'{c.layout.local_bs} x {c.layout.accum}':>12}{m.total / GIB:>9.1f}"
             f"{state:>7.1f}{m.other / GIB:>6.1f}{m.activations / GIB:>6.1f}{t.total:>8.3f}{t.compute:>7.3f}"
-            f"{t.bubble:>6.3f}{t.comm:>6.3f}{c.tokens_per_s:>10,.0f}{c.mfu:>6.1%}{mark}"
+            f"{t.bubble:>6.3f}{t.comm:>6.3f}{c.tokens_per_s:>10,.0f}{mfu:>6}{mark}"
         )
     return "\n".join(rows)
 
@@ -231,15 +237,16 @@ def apply_overrides(cfg, overrides: dict[str, dict]):
     return cfg
 
 
-def shape_of_config(cfg) -> ModelShape:
-    """The model a trainer config names, with ``model.vocab_size`` or the flavor's vocab (no tokenizer read)."""
+def shape_of_config(cfg, vocab: int = 0) -> ModelShape:
+    """The model a trainer config names, with ``vocab`` or else the one the run will train with
+    (``vocab.run_vocab``: model.vocab_size, else the tokenizer's)."""
     from torchtitan.models.registry import flavor_error, get_spec
 
     m = cfg.model
     spec = get_spec(m.name)
     if m.flavor not in spec.flavors:
         raise flavor_error(spec.name, m.flavor, list(spec.flavors))
-    vocab = m.vocab_size or spec.flavors[m.flavor].vocab_size
+    vocab = vocab or run_vocab(cfg)[0]
     args = spec.build_args(m.flavor, vocab_size=vocab, max_seq_len=cfg.training.seq_len, n_layers=m.n_layers,
                            dim=m.dim, n_kv_heads=m.n_kv_heads)
     return ModelShape.from_args(m.name, m.flavor, args)

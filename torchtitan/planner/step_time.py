@@ -70,6 +70,11 @@ def _group_strides(layout: Layout) -> dict[str, tuple[int, int]]:
             "dp": (t * c * s, layout.dp_replicate), "pp": (t * c * s * layout.dp_replicate, layout.pp)}
 
 
+def group_spans_nodes(layout: Layout, dim: str, gpus_per_node: int) -> bool:
+    """Whether the groups of mesh dimension ``dim`` ("dp", "fsdp", "tp", ...) reach over nodes."""
+    return Topology(gpus_per_node).spans_nodes(*_group_strides(layout)[dim])
+
+
 class CommModel:
     def __init__(self, hw: Hardware, topo: Topology, layout: Layout):
         self.hw, self.topo, self.strides = hw, topo, _group_strides(layout)

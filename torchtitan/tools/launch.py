@@ -17,6 +17,11 @@ line that matters. Here the ``ChildFailedError`` is caught and summarized:
 
 The launcher exits with the failed rank's exit code (128 + N for signal N, as a shell does).
 
+Around that (torchtitan/tools/launch_control.py): a start line before torch is imported; train.py's
+config and layout checked before any rank starts (its ``error:`` line, exit 1, no rank spawned);
+Ctrl-C and SIGTERM relayed to the ranks, which save and stop (exit 130 after Ctrl-C, 0 after
+SIGTERM). Each rank dies with the launcher (``die_with_launcher``).
+
 Both sides of the error-file contract live here: the launcher reads the files, train.py writes
 them through ``record_user_error`` / ``record_crash`` / ``enable_fault_log`` (stdlib only at
 import: a config error must not wait for torch).
@@ -30,11 +35,21 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
 
-PREFIX = "launcher:"
+from torchtitan.tools.launch_control import (
+    PREFIX,
+    SignalRelay,
+    Stopped,
+    preflight,
+    signal_text,
+    start_line,
+    stopped_on_request,
+)
+
 # Written by ``record_user_error`` into the torchelastic error file's extraInfo.
 USER_ERROR_KEY = "torchtitan_user_error"
 FAULT_LOG = "faulthandler.log"  # beside the rank's error file, in the launcher's log folder
@@ -90,6 +105,41 @@ def record_crash(exc: BaseException) -> None:
         get_error_handler().record_exception(exc)
 
 
+LAUNCHER_PID_ENV = "TORCHTITAN_LAUNCHER_PID"
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_launcher() -> None:
+    """Linux: the kernel SIGKILLs this rank when its parent (torchrun's agent) dies.
+
+    Each rank runs in a session of its own (torchelastic starts it so), so a launcher killed with
+    its process group (``kill -9``, the OOM killer) would leave the ranks running -- and rank 0
+    refreshing the run lock's heartbeat, which refuses the restarted run. Without peers a rank
+    cannot save anything useful, so SIGKILL it is; the lock of a dead pid is taken over at once.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            return
+    except (OSError, AttributeError):  # not Linux: no parent-death signal
+        return
+    launcher = os.environ.get(LAUNCHER_PID_ENV)
+    if launcher and not _alive(int(launcher)):  # it died before prctl took effect
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        pass
+    return True
+
+
 # ---- the launcher's side ---------------------------------------------------------------------
 
 
@@ -103,20 +153,47 @@ class _DropFailureLog(logging.Filter):
 
 def main(argv: list[str] | None = None) -> int:
     """torchrun's ``run`` on torchrun's arguments; returns the exit code (0, or the failed rank's)."""
+    relay = SignalRelay()  # from the first instant: Ctrl-C is one line, never a traceback
+    try:
+        return _launch(sys.argv[1:] if argv is None else argv, relay)
+    except Stopped as e:
+        _say(f"stopped by {signal_text(e.signum)} before any rank had started")
+        return 128 + e.signum
+    finally:
+        relay.restore()
+
+
+def _launch(argv: list[str], relay: SignalRelay) -> int:
+    if "--help" not in argv and "-h" not in argv:
+        _say(start_line(argv))
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous import RendezvousError
     from torch.distributed.run import parse_args, run
 
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    try:
+        for line in preflight(args):  # before any rank exists: a config or layout error costs ~2 s, not ~10
+            _say(line)
+    except ValueError as e:
+        if os.environ.get("TORCHTITAN_TRACEBACK", "") not in ("", "0"):
+            raise
+        from torchtitan.tools.cli import error_line
+
+        print(error_line(e), file=sys.stderr, flush=True)
+        return 1
+    os.environ[LAUNCHER_PID_ENV] = str(os.getpid())  # the ranks' check that their launcher lives
+    relay.take_over_from_torchrun(args)
     own_log_dir = not args.log_dir
     if own_log_dir:  # a known place to look for the ranks' fault logs; removed at the end
         args.log_dir = tempfile.mkdtemp(prefix="torchtitan_launch_")
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_DropFailureLog())
     try:
         run(args)
-        return 0
+        return relay.exit_code()
     except ChildFailedError as e:
+        if relay.signum is not None and all(stopped_on_request(f) for f in e.failures.values()):
+            return relay.exit_code(ranks_failed=True)
         return report(e.failures, _shown_local_ranks(args.local_ranks_filter), args.log_dir)
     except SignalException as e:
         _say(f"stopped by {e.sigval.name}; the ranks were sent {e.sigval.name} too")

@@ -11,7 +11,8 @@ The check uses lower bounds, so it never refuses a run that could fit (the memor
   parameter) or the activations at the end of the forward, whichever is larger, on top;
 - buffers (the RoPE table, one row per position up to ``training.seq_len``), whole on every rank;
 - activations: at least each block's input in bf16 for one microbatch, plus the logits;
-- one batch of token ids and positions (int64) in host memory.
+- one batch of token ids and positions (int64) in host memory;
+- host memory the process holds already (its resident set: the torch libraries, the tokenizer).
 Parameter and buffer sizes are exact: they come from the model built on the meta device.
 Limits: the device's total memory (CUDA), and the host's physical memory or cgroup limit shared
 by the processes of this host (``LOCAL_WORLD_SIZE``).
@@ -57,6 +58,16 @@ def host_memory() -> tuple[int, str] | None:
         if text.isdigit() and int(text) < total:
             total, source = int(text), f"cgroup limit in {path}"
     return total, source
+
+
+def process_rss() -> int | None:
+    """Bytes this process holds in RAM now (resident set: the torch libraries, the tokenizer, the data
+    listing, Python objects), None where /proc is not readable."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
 
 
 def model_needs(cfg: JobConfig, dims: ParallelDims, local_bs: int, vocab_size: int) -> dict[str, Need]:
@@ -108,6 +119,9 @@ def check_memory_fits(cfg: JobConfig, dims: ParallelDims, device: torch.device, 
         _check(on_device, 1, total, "device memory", f"{torch.cuda.get_device_name(device)} total")
     else:
         on_host = [batch, m["state"], grads_or_activations, m["buffers"]]
+    resident = process_rss()
+    if resident:  # held already (torch, the tokenizer): no config key sizes it
+        on_host.append(Need("this process's resident memory so far", resident, ""))
     if host is not None:
         _check(on_host, procs, host[0], "host memory", host[1])
 
@@ -119,7 +133,7 @@ def _check(needs: list[Need], procs: int, limit: int, where: str, source: str) -
     needs = sorted((n for n in needs if n.nbytes), key=lambda n: -n.nbytes)
     items = ", ".join(f"{n.what} {_size(n.nbytes)}" for n in needs)
     times = f"; x {procs} processes on this host = {_size(per_proc * procs)}" if procs > 1 else ""
-    top = needs[0].key
+    top = next(n.key for n in needs if n.key)
     fix = ("use a smaller model.flavor or shard the model over more processes (parallelism.dp_shard, tp, pp)"
            if top == "model.flavor" else f"lower {top}")
     raise ValueError(

@@ -25,9 +25,10 @@ tensor bytes of the run at every moment -- the same quantity the estimator track
 the Python/torch runtime that the process RSS adds (hundreds of MB).
 
 What a config needs that the estimate does without (each said in a note of the output):
-- the tokenizer: only its size matters. ``model.vocab_size`` if set, else the tokenizer's
-  (as training), else -- no tokenizer file yet, as for the shipped Llama 3 configs -- the
-  flavor's own vocab_size (Llama 3: 128256);
+- the tokenizer: only its size matters (``planner.vocab.run_vocab``, the planner's rule too).
+  ``model.vocab_size`` if set, else the tokenizer's (as training; the embedded one's size without
+  building it), else -- no tokenizer file yet, as for the shipped Llama 3 configs -- the flavor's
+  own vocab_size (Llama 3: 128256);
 - ``compile.enable``: estimated eager (inductor under fake tensors crashes natively, torch 2.13 CPU).
 """
 
@@ -39,7 +40,6 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -47,12 +47,11 @@ import torch.distributed as dist
 from torchtitan.components.float8 import Float8Training
 from torchtitan.components.model_builder import BuiltModel, ModelBuilder
 from torchtitan.components.optimizer import build_lr_scheduler, build_optimizer
-from torchtitan.components.tokenizer import build_tokenizer
 from torchtitan.components.train_step import ForwardBackward
 from torchtitan.config.job_config import JobConfig
-from torchtitan.models.registry import flavor_error, get_spec
 from torchtitan.parallelisms.parallel_dims import ParallelDims
 from torchtitan.parallelisms.utils import clip_grad_norm_, device_type
+from torchtitan.planner.vocab import run_vocab
 from torchtitan.tools.logging import logger
 
 GIB = 1024**3
@@ -158,7 +157,7 @@ def build_run(cfg: JobConfig, device: torch.device, tensor_mode=contextlib.nullc
     from torchtitan.trainer import build_context_parallel, build_parallel_dims, resolve_batch_split
 
     dims = build_parallel_dims(cfg.parallelism, device.type if device.type != "meta" else device_type())
-    vocab, vocab_source = estimate_vocab(cfg)
+    vocab, vocab_source = run_vocab(cfg)  # the planner's lookup: one rule for both
     if cfg.training.local_batch_size == 0 and not cfg.training.memory_limit_gib and device_type() != "cuda":
         raise ValueError("training.local_batch_size = 0 (auto) sizes the batch for the device's memory; to estimate "
                          "it here set training.memory_limit_gib to the target GPU's (e.g. 80), or a local batch")
@@ -178,24 +177,6 @@ def build_run(cfg: JobConfig, device: torch.device, tensor_mode=contextlib.nullc
         lr_scheduler = build_lr_scheduler(cfg.lr_scheduler, optimizer, cfg.training.steps)
     return EstimateRun(cfg, device, dims, vocab, local_bs, accum, step_fn, built, optimizer, lr_scheduler, float8,
                        hooks, vocab_source)
-
-
-def estimate_vocab(cfg: JobConfig) -> tuple[int, str]:
-    """(vocab size, where it came from): ``model.vocab_size`` if set, else the tokenizer's if its
-    file exists (what training uses; an empty path is the embedded tokenizer), else the flavor's
-    own vocab_size. Only the size matters for memory, so a missing tokenizer is no error here."""
-    m, path = cfg.model, cfg.tokenizer.path
-    if m.vocab_size > 0:
-        return m.vocab_size, f"vocab {m.vocab_size}: model.vocab_size"
-    if not path or Path(path).expanduser().exists():
-        vocab = build_tokenizer(path, cfg.tokenizer.cache_dir).n_words
-        return vocab, f"vocab {vocab}: the tokenizer's ({path or 'embedded'})"
-    spec = get_spec(m.name)
-    if m.flavor not in spec.flavors:
-        raise flavor_error(spec.name, m.flavor, list(spec.flavors))
-    vocab = spec.flavors[m.flavor].vocab_size
-    return vocab, (f"vocab {vocab}: {m.name} {m.flavor}'s default (tokenizer.path {path!r} does not exist; "
-                   f"training uses the tokenizer's size, or set model.vocab_size)")
 
 
 def eager_config(cfg: JobConfig) -> tuple[JobConfig, list[str]]:

@@ -10,11 +10,15 @@ calls after every train step (or ``None``-like no-ops when disabled), so the loo
 Files: ``<dump>/<save_traces_folder>/iteration_N/rank{r}_trace.json`` (open in chrome://tracing or
 https://ui.perfetto.dev) and ``<dump>/<save_memory_snapshot_folder>/iteration_N/rank{r}_memory_snapshot.pickle``
 (drag into https://pytorch.org/memory_viz); an out-of-memory error dumps ``iteration_N_exit`` first.
+N is the training step (1-based, as in the metrics), and the trace of ``iteration_N`` holds the
+profiler's ``ProfilerStep#N``. Kineto's ``USDT: profiler_start/stop`` lines are off
+(``KINETO_LOG_LEVEL=6`` unless set: set it lower to see kineto's messages again).
 """
 
 import contextlib
 import os
 import time
+import warnings
 
 import torch
 
@@ -36,6 +40,15 @@ class _NoOp:
 
 def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def step_schedule(profile_freq: int, first_step: int):
+    """torch.profiler's schedule over training steps: ``fn(step)`` records every step that is a multiple
+    of ``profile_freq``. The profiler asks for step 0 when built and for ``step_num + 1`` after each
+    ``step()``: its step_num starts at ``first_step``, the step about to run."""
+    wait, warmup, active = profile_schedule(profile_freq)
+    by_position = torch.profiler.schedule(wait=wait, warmup=warmup, active=active)
+    return lambda step: by_position(max(step, first_step) - 1)  # position 0 = step 1
 
 
 def profile_schedule(profile_freq: int) -> tuple[int, int, int]:
@@ -60,26 +73,30 @@ def maybe_enable_profiling(cfg: Profiling, dump_folder: str, global_step: int = 
     rank = _rank()
 
     def trace_handler(prof: torch.profiler.profile) -> None:
-        folder = os.path.join(trace_dir, f"iteration_{prof.step_num}")
+        step = prof.step_num - 1  # called from step(), once step_num moved on to the next step
+        folder = os.path.join(trace_dir, f"iteration_{step}")
         os.makedirs(folder, exist_ok=True)
         t0 = time.perf_counter()
         prof.export_chrome_trace(os.path.join(folder, f"rank{rank}_trace.json"))
-        logger.info(f"profiler trace of step {prof.step_num} written to {folder} "
-                    f"in {time.perf_counter() - t0:.2f} s")
+        logger.info(f"profiler trace of step {step} written to {folder} in {time.perf_counter() - t0:.2f} s")
 
-    wait, warmup, active = profile_schedule(cfg.profile_freq)
+    _quiet_profiler()
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     logger.info(f"profiling: one trace every {cfg.profile_freq} steps into {trace_dir}")
-    with torch.profiler.profile(
-        activities=activities,
-        schedule=torch.profiler.schedule(wait=wait, warmup=warmup, active=active),
-        on_trace_ready=trace_handler,
-        record_shapes=True,
-    ) as prof:
-        prof.step_num = global_step
+    prof = torch.profiler.profile(activities=activities, schedule=step_schedule(cfg.profile_freq, global_step + 1),
+                                  on_trace_ready=trace_handler, record_shapes=True)
+    prof.step_num = global_step + 1  # before start(): it labels the first step ProfilerStep#<step_num>
+    with prof:
         yield prof
+
+
+def _quiet_profiler() -> None:
+    """Neither kineto's USDT lines (two per trace, on stderr) nor torch's note that each trace holds
+    its own cycle's events only, which is what a trace per period wants."""
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # read when kineto starts: at the first profile
+    warnings.filterwarnings("ignore", message=".*Profiler clears events at the end of each cycle")
 
 
 class MemorySnapshot:

@@ -6,8 +6,9 @@ rebuilds the tree exactly from that commit) when run from a checkout, else the i
 version, and the software and hardware around it: python, torch, CUDA, NCCL, the devices, the world
 layout, the command line and the scheduler's job ids.
 
-Written by rank 0 only, before training starts; each restart of the run (a resume) rewrites it, and
-the previous record is kept as ``provenance.<start time>.json`` when the code changed in between.
+Written by rank 0 only, once the start is accepted (components/run_folder.py: a refused start writes
+nothing); each restart of the run (a resume) rewrites it, and the previous record is kept as
+``provenance.<start time>.json`` when the code changed in between.
 """
 
 import json
@@ -89,11 +90,12 @@ def hardware() -> dict:
     }
 
 
-def write_provenance(folder: str | Path, layout: dict, argv: list[str] | None = None) -> Path:
+def write_provenance(folder: str | Path, layout: dict, argv: list[str] | None = None, run_id: str = "") -> Path:
     """Write ``provenance.json`` (and ``code.diff`` when the checkout has changes) into ``folder``."""
     folder = Path(folder)
     code, diff = code_version()
     record = {
+        "run_id": run_id,  # the run_id of the metrics.jsonl records this start writes
         "start_time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": [sys.executable, *(sys.argv if argv is None else argv)],
         "cwd": os.getcwd(),
