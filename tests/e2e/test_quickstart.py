@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.helpers.runs import REPO
 
 TINY = [
@@ -59,6 +61,9 @@ def test_readme_quickstart_in_order(tmp_path, cache_dir):
         assert "Traceback" not in proc.stderr, f"{command!r}:\n{proc.stderr[-3000:]}"
         outputs.append(proc.stdout + proc.stderr)
         if scripts[len(outputs) - 1] == "./run_train.sh":
+            text = outputs[-1]
+            assert "launcher: starting" in text.splitlines()[0], text[:2000]  # what starts, before anything else
+            assert "layout: 1 rank" in text and "run summary: 4 steps" in text, text[-3000:]
             assert (out / "metrics.jsonl").is_file() and (out / "config.toml").is_file()
             assert sorted(p.name for p in (out / "checkpoint").iterdir() if p.name.startswith("step-")) == [
                 "step-2", "step-4"]
@@ -77,3 +82,26 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def readme_written_paths() -> list[str]:
+    """Every path a README command writes inside the checkout: the targets of the conversions and of
+    --output_path / --write_config / --hardware_out / --output."""
+    paths = []
+    for block in re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            argv = shlex.split(line.split("  #")[0], comments=True) if line.strip() else []
+            if len(argv) > 3 and argv[0] == "python" and re.match(r"scripts/convert_\w+_to_\w+\.py", argv[1]):
+                paths.append(argv[3])
+            paths += [argv[i + 1] for i, a in enumerate(argv[:-1])
+                      if a in ("--output_path", "--write_config", "--hardware_out", "--output")]
+    return paths
+
+
+def test_what_the_readme_commands_write_is_git_ignored():
+    paths = readme_written_paths()
+    assert len(paths) >= 8, paths  # the conversions, eval's --output_path, the planner's outputs
+    proc = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=REPO, capture_output=True, text=True)
+    if proc.returncode == 128:
+        pytest.skip(f"not a git checkout: {proc.stderr.strip()}")
+    assert sorted(proc.stdout.split()) == sorted(paths), f"not ignored: {set(paths) - set(proc.stdout.split())}"
